@@ -1,0 +1,174 @@
+"""The unified model wrapper, the interleaved sampler, teacher-forced log-probs, checkpoints, the CLI."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import unigrpo
+from unigrpo import decode_rollout, make_batch, sample_interleaved, sequence_logprobs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _prompts():
+    ex = data.make_examples("continuation", 3, "rl", seed=0) + data.make_examples("story", 3, "rl", seed=0)
+    return [e.prompt for e in ex]
+
+
+def _bias_text_logits(model, **bias):
+    """Shift some text logits (e.g. make <begin_of_image> likely) without touching the weights."""
+    b = torch.zeros(len(model.tokenizer))
+    for name, v in bias.items():
+        b[getattr(model, name)] = v
+    model.text_logits = lambda h, f=type(model).text_logits: f(model, h) + b
+
+
+@pytest.fixture
+def boi_biased(tiny):
+    """Raise the <begin_of_image> logit so rows open images at random, different times."""
+    _bias_text_logits(tiny, boi_id=2.5)
+    yield tiny
+    del tiny.text_logits
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_equal_teacher_forced(boi_biased, temperature):
+    m = boi_biased
+    g = torch.Generator().manual_seed(1)
+    ro = sample_interleaved(m, _prompts() * 2, temperature=temperature, max_new_tokens=60, generator=g)
+    assert ro.context[0], "continuation prompts carry context images through the understanding path"
+    img = ro.is_image & ro.mask.bool()
+    txt = ~ro.is_image & ro.mask.bool()
+    assert img.sum() > 20 and txt.sum() > 20, "both modalities must be exercised"
+    logp, _ = sequence_logprobs(m, ro, temperature)
+    torch.testing.assert_close(logp[img], ro.logp[img], atol=2e-5, rtol=0)
+    torch.testing.assert_close(logp[txt], ro.logp[txt], atol=2e-5, rtol=0)
+    # so the first GRPO ratio on-policy is exactly 1 (up to float error)
+    ratio = torch.exp(logp - ro.logp)[ro.mask.bool()]
+    assert (ratio - 1).abs().max() < 1e-4
+
+
+def test_begin_of_image_hidden_state_predicts_image_token_0(tiny):
+    ex = data.make_examples("story", 1, "rl", seed=0)[0]
+    b = make_batch(tiny, [ex])
+    logp, _ = sequence_logprobs(tiny, b)
+    ids = torch.cat([b.prompt_ids, b.ids], 1)
+    is_img = torch.cat([torch.zeros_like(b.prompt_ids, dtype=torch.bool), b.is_image], 1)
+    P = b.prompt_ids.shape[1]
+    h = tiny.trunk(tiny.embed(ids, is_img), torch.ones_like(ids), torch.arange(ids.shape[1])[None])
+    boi = int((b.ids[0] == tiny.boi_id).nonzero()[0])      # position of <begin_of_image> in the answer
+    code0 = b.ids[0, boi + 1]
+    expect = torch.log_softmax(tiny.image_logits(h[0, P + boi]), -1)[code0]
+    wrong = torch.log_softmax(tiny.image_logits(h[0, P + boi + 1]), -1)[code0]  # the off-by-one
+    assert b.is_image[0, boi + 1] and not b.is_image[0, boi]
+    assert logp[0, boi + 1].item() == pytest.approx(expect.item(), abs=1e-5)
+    assert abs(logp[0, boi + 1].item() - wrong.item()) > 1e-3
+
+
+def test_rows_switch_modality_independently_and_images_are_whole(boi_biased):
+    m = boi_biased
+    ro = sample_interleaved(m, _prompts() * 2, max_new_tokens=60, generator=torch.Generator().manual_seed(2))
+    live = ro.mask.bool()
+    mixed = ((ro.is_image & live).any(0) & (~ro.is_image & live).any(0))
+    assert mixed.any(), "at some step, some rows are drawing while others write text"
+    N = m.n_image_tokens
+    for b in range(ro.ids.shape[0]):
+        ids, img = ro.ids[b].tolist(), ro.is_image[b].tolist()
+        t = 0
+        while t < len(ids):
+            if not img[t] and ids[t] == m.boi_id and ro.mask[b, t] > 0 and t + 1 < len(ids) and img[t + 1]:
+                run = img[t + 1:t + 1 + N]
+                assert all(run) or t + 1 + len(run) >= len(ids)
+                if t + 1 + N < len(ids):  # <end_of_image> is forced, not sampled, right after a full grid
+                    assert ids[t + 1 + N] == m.eoi_id and ro.mask[b, t + 1 + N] == 0 and not img[t + 1 + N]
+                    assert ro.step[b, t + 1] == ro.step[b, t] + 1 == ro.step[b, t + 1 + N]
+                t += N + 1
+            t += 1
+
+
+def test_limits_stop_runaway_rows(tiny):
+    try:
+        _bias_text_logits(tiny, boi_id=-1e4, eos_id=-1e4)  # never close a text segment
+        ro = sample_interleaved(tiny, _prompts(), max_new_tokens=100, max_text_tokens=7, generator=torch.Generator().manual_seed(0))
+        assert ro.ids.shape[1] == 7 and not ro.finished.any()
+        _bias_text_logits(tiny, boi_id=1e4)  # always open an image
+        ro = sample_interleaved(tiny, _prompts(), max_new_tokens=200, max_images=2, generator=torch.Generator().manual_seed(0))
+        n_img = (ro.is_image & ro.mask.bool()).sum(1)
+        assert (n_img == 2 * tiny.n_image_tokens).all() and not ro.finished.any()
+        assert ro.ids.shape[1] < 200
+        ro = sample_interleaved(tiny, _prompts(), max_new_tokens=30, max_images=9, generator=torch.Generator().manual_seed(0))
+        assert ro.ids.shape[1] == 30 and not ro.finished.any()  # the total token budget
+    finally:
+        del tiny.text_logits
+
+
+def test_decode_rollout_segments(tiny):
+    ex = data.make_examples("story", 2, "rl", seed=0)
+    b = make_batch(tiny, ex)
+    b.mask = torch.where(b.ids == tiny.eoi_id, 0.0, b.mask)
+    b.step = torch.cumsum(torch.cat([torch.zeros(2, 1, dtype=torch.long),
+                                     (b.is_image[:, 1:] != b.is_image[:, :-1]).long()], 1), 1)
+    # the forced <eoi> belongs to the image step: shift steps after each image back by one token
+    for r in range(2):
+        for t in range(1, b.ids.shape[1]):
+            if b.ids[r, t] == tiny.eoi_id and b.is_image[r, t - 1]:
+                b.step[r, t] = b.step[r, t - 1]
+    segs, steps = decode_rollout(tiny, b)[0]
+    kinds = [k for k, _ in segs]
+    assert kinds == ["text", "image"] * ex[0].n_steps
+    assert [x for k, x in segs if k == "text"] == ex[0].ref_texts
+    assert steps == list(range(2 * ex[0].n_steps))
+
+
+def test_checkpoint_round_trip_identical_logits(tiny, tmp_path):
+    ex = data.make_examples("howto", 2, "rl", seed=0)
+    b = make_batch(tiny, ex)
+    before, _ = sequence_logprobs(tiny, b)
+    unigrpo.save_checkpoint(tiny, str(tmp_path / "ck"), dict(iter=3))
+    again = unigrpo.load_model(str(tmp_path / "ck"), "cpu").eval()
+    after, _ = sequence_logprobs(again, make_batch(again, ex))
+    assert torch.equal(before, after)
+    assert unigrpo.load_state(str(tmp_path / "ck"))["iter"] == 3
+    assert not (tmp_path / "ck.tmp").exists() and not (tmp_path / "ck.old").exists()
+
+
+def test_atomic_dir_recovers_from_a_crash_between_renames(tmp_path):
+    p = str(tmp_path / "ck")
+    unigrpo.atomic_dir(p, lambda d: torch.save(dict(iter=5), os.path.join(d, "trainer_state.pt")))
+    os.replace(p, p + ".old")  # as if killed after moving the old checkpoint away, before the new one landed
+    assert unigrpo.load_state(p)["iter"] == 5
+    assert os.path.exists(p) and not os.path.exists(p + ".old")
+
+
+def test_config_both_forms_and_types():
+    cfg = unigrpo.get_config(["--group_size", "8", "--kl_beta=0", "--process_reward=false", "--dry_run", "--out_dir", "x"])
+    assert cfg.group_size == 8 and cfg.kl_beta == 0.0 and isinstance(cfg.kl_beta, float)
+    assert cfg.process_reward is False and cfg.dry_run is True and cfg.out_dir == "x"
+    pre = unigrpo.get_config(["--preset", "janus-pro-7b", "--group_size=2"])
+    assert pre.model == "deepseek-community/Janus-Pro-7B" and pre.group_size == 2  # flags win over the preset
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--gruop_size=4"], "did you mean --group_size"),
+    (["--group_size", "four"], "--group_size expects int"),
+    (["--kl_beta=abc"], "--kl_beta expects float"),
+    (["--process_reward=maybe"], "expects a boolean"),
+    (["--stage=train"], "--stage must be"),
+    (["--group_size=1"], "at least 2"),
+])
+def test_cli_errors_exit_nonzero_with_help(args, needle):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "unigrpo.py"), *args], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0
+    assert needle in r.stderr + r.stdout
+
+
+def test_dry_run_prints_config_without_loading(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "unigrpo.py"), "--preset=janus-pro-7b", "--dry_run",
+                        f"--out_dir={tmp_path}/o"], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert '"model": "deepseek-community/Janus-Pro-7B"' in r.stdout
+    assert not os.path.exists(f"{tmp_path}/o")

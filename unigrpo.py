@@ -1,0 +1,860 @@
+"""
+unigrpo: multimodal interleaved GRPO in one file (Nie et al., NeurIPS 2025).
+
+One transformer (Janus: a Llama trunk with an LM head for text tokens and a generation head for VQ
+image tokens) writes text and images in ONE decoding trajectory. Stage 1 warms it up on a hybrid
+mix (interleaved + understanding + text-to-image); stage 2 post-trains it with GRPO: G rollouts per
+prompt, hybrid reward R = r_t + r_v + r_f, group-relative advantages (+ step-wise process
+advantages), one clipped objective over the text AND image tokens of each trajectory, k3 KL to
+the warm-up model.
+
+    python unigrpo.py --stage grpo                      # toy world on a laptop CPU, minutes
+    python unigrpo.py --stage grpo --group_size=2 --kl_beta=0   # an ablation
+    python unigrpo.py --stage grpo --preset janus-pro-7b --dry_run
+
+Read top to bottom: config, model wrapper, interleaved sampler, log-probs, warm-up, GRPO maths,
+GRPO loop, checkpoints/storyboards, main.
+"""
+import copy, difflib, io, json, math, os, shutil, sys, time, base64, random
+from ast import literal_eval
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import rewards
+
+# -----------------------------------------------------------------------------
+# default config values (override from the command line: --key value or --key=value)
+# I/O
+stage = "grpo"            # prepare | warmup | grpo | eval; missing earlier stages run first
+out_dir = "out"           # checkpoints, metrics.jsonl, storyboards
+seed = 1337
+device = "auto"           # auto = cuda if present, else cpu
+dry_run = False           # print the resolved config (and a memory estimate) and exit
+preset = ""               # "" = toy world; janus-pro-1b / janus-pro-7b = paper-scale settings
+log_interval = 1          # iterations between log lines / metrics.jsonl rows
+ckpt_interval = 100       # iterations between atomic checkpoints (and always at the end)
+storyboard_interval = 20  # GRPO iterations between storyboards
+# model
+model = ""                # "" = tiny Janus for the toy world; else an HF id or a local folder
+n_layer = 4               # tiny Janus trunk (toy world only)
+n_embd = 128
+n_head = 4
+image_size = 48           # toy images: 48x48, a 3x3 scene grid
+patch_size = 16           # VQ downsampling: 48/16 = 3x3 = 9 image tokens per image
+codebook_size = 256
+# prepare (toy world tokenizers and reward models)
+vq_steps = 400
+clip_steps = 500
+# warm-up (stage 1)
+warmup_iters = 600
+warmup_batch_size = 32
+warmup_lr = 2e-3
+n_understanding = 2000    # mix size; interleaved : understanding : t2i = interleaved_ratio : 1 : 1
+interleaved_ratio = 0.3   # the paper's 0.3M : 1M : 1M, kept small on purpose so GRPO has work to do
+warmup_data = ""          # a JSONL file of real warm-up data (see data.py); "" = toy world mix
+# sampling
+temperature = 1.0
+max_new_tokens = 128      # per trajectory (text + image + forced end-of-image tokens)
+max_text_tokens = 32      # per text segment; a longer segment stops the row (runaway text)
+max_images = 4            # a row that opens one image more stops (runaway images)
+# GRPO (stage 2)
+grpo_iters = 40
+prompts_per_step = 8
+group_size = 4            # G, rollouts per prompt (paper: 4)
+lr = 5e-4
+inner_epochs = 2          # optimisation passes over each batch of rollouts
+clip_eps = 0.2
+kl_beta = 0.04            # 0 = no KL term and no reference model in memory
+loss_type = "sequence"    # sequence: the paper's 1/|o_i| mean per trajectory; token: mean over all tokens
+grad_clip = 1.0
+use_format_reward = True  # r_f, structural fidelity
+use_text_reward = True    # r_t, textual relevance (toy critic / VLM critic)
+use_visual_reward = True  # r_v, visual-text alignment (CLIP score)
+process_reward = True     # add step-wise process advantages to the outcome advantage
+visual_scorer = "clip"    # clip (tiny CLIP trained here) | clip_weak (trained 1/10 as long) | openclip:NAME | imagereward
+text_critic = "toy"       # toy | a HF id / folder of a VLM critic (full scale)
+# eval
+eval_prompts = 64
+# system
+dtype = "float32"         # float32 | bfloat16 (GPU)
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+DEFAULTS = {k: globals()[k] for k in config_keys}
+PRESETS = {  # the paper's recipe, one flag away (see README, "Full scale")
+    "janus-pro-1b": dict(model="deepseek-community/Janus-Pro-1B", image_size=384, patch_size=16, group_size=4,
+                         prompts_per_step=8, lr=1e-6, kl_beta=0.04, inner_epochs=1, dtype="bfloat16",
+                         visual_scorer="openclip:ViT-L-14/openai", max_new_tokens=2600, max_text_tokens=256),
+    "janus-pro-7b": dict(model="deepseek-community/Janus-Pro-7B", image_size=384, patch_size=16, group_size=4,
+                         prompts_per_step=4, lr=1e-6, kl_beta=0.04, inner_epochs=1, dtype="bfloat16",
+                         visual_scorer="openclip:ViT-L-14/openai", max_new_tokens=2600, max_text_tokens=256),
+}
+# -----------------------------------------------------------------------------
+
+
+def get_config(argv):
+    """nanoGPT-style configurator: --key value / --key=value, type-checked against the defaults."""
+    cfg, seen, i = dict(DEFAULTS), {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise SystemExit(f"error: unexpected argument {arg!r}; use --key=value (keys: python unigrpo.py --help)")
+        key, eq, val = arg[2:].partition("=")
+        if key in ("help", "h"):
+            print(__doc__ + "\nconfig keys and defaults:\n" + "\n".join(f"  --{k}={v!r}" for k, v in DEFAULTS.items()))
+            raise SystemExit(0)
+        if key not in DEFAULTS:
+            close = difflib.get_close_matches(key, DEFAULTS, n=3)
+            raise SystemExit(f"error: unknown config key --{key}" + (f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""))
+        if not eq:
+            if isinstance(DEFAULTS[key], bool) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+                val = "True"  # a bare boolean flag: --dry_run
+            elif i + 1 < len(argv):
+                i, val = i + 1, argv[i + 1]
+            else:
+                raise SystemExit(f"error: --{key} needs a value")
+        seen[key] = _coerce(key, val)
+        i += 1
+    if seen.get("preset", cfg["preset"]):
+        name = seen.get("preset", cfg["preset"])
+        if name not in PRESETS:
+            raise SystemExit(f"error: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        cfg.update(PRESETS[name])
+    cfg.update(seen)  # explicit flags win over the preset
+    if cfg["stage"] not in ("prepare", "warmup", "grpo", "eval"):
+        raise SystemExit(f"error: --stage must be prepare, warmup, grpo or eval, not {cfg['stage']!r}")
+    if cfg["loss_type"] not in ("sequence", "token"):
+        raise SystemExit(f"error: --loss_type must be sequence or token, not {cfg['loss_type']!r}")
+    if cfg["group_size"] < 2:
+        raise SystemExit("error: --group_size must be at least 2 (advantages are relative to the group)")
+    return SimpleNamespace(**cfg)
+
+
+def _coerce(key, val):
+    want = type(DEFAULTS[key])
+    if want is str:
+        return val
+    if want is bool:
+        if val.lower() in ("1", "true", "yes", "on"):
+            return True
+        if val.lower() in ("0", "false", "no", "off"):
+            return False
+        raise SystemExit(f"error: --{key} expects a boolean (true/false), got {val!r}")
+    try:
+        parsed = literal_eval(val)
+    except (ValueError, SyntaxError):
+        parsed = None
+    if want is float and isinstance(parsed, int) and not isinstance(parsed, bool):
+        parsed = float(parsed)
+    if type(parsed) is not want:
+        raise SystemExit(f"error: --{key} expects {want.__name__} (default {DEFAULTS[key]!r}), got {val!r}")
+    return parsed
+
+
+# -----------------------------------------------------------------------------
+# The unified model: one trunk, two heads, two input embeddings
+
+
+class UnifiedModel(torch.nn.Module):
+    """The parts of JanusForConditionalGeneration the method needs, under names that read like it.
+
+    Text tokens are embedded by the LM's token embedding and predicted by the LM head; image tokens
+    (VQ codes) are embedded by the generation embedding + aligner and predicted by the generation
+    head. Context images in a prompt go through the understanding path (SigLIP + aligner) at
+    <image_placeholder> positions. One trunk serves both, so one trajectory holds both modalities.
+    """
+
+    def __init__(self, janus, tokenizer, chat=False):
+        super().__init__()
+        self.janus, self.tokenizer, self.chat = janus, tokenizer, chat
+        ids = lambda t: tokenizer.convert_tokens_to_ids(t)
+        self.boi_id, self.eoi_id, self.image_id = ids("<begin_of_image>"), ids("<end_of_image>"), janus.config.image_token_id
+        self.bos_id, self.eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.sep_id = None if chat else tokenizer.sep_token_id
+        self.n_image_tokens = janus.config.vq_config.num_patches ** 2  # tokens per generated image
+        self.n_context_tokens = janus.config.vision_config.num_image_tokens  # placeholders per context image
+        self.image_size = janus.config.vision_config.image_size
+        janus.model.vqmodel.requires_grad_(False)  # the image tokenizer stays frozen, as in Janus
+
+    @property
+    def device(self):
+        return self.janus.lm_head.weight.device
+
+    # inputs ------------------------------------------------------------------
+    def encode_prompt(self, segments):
+        """Prompt segments -> (token ids, [pixel tensors]). Context images use the understanding path."""
+        ids, pixels = [self.bos_id], []
+        if self.chat:  # Janus-Pro's conversation format
+            ids += self.tokenizer("<|User|>: ", add_special_tokens=False).input_ids
+        for kind, x in segments:
+            if kind == "text":
+                ids += self.tokenizer(x, add_special_tokens=False).input_ids
+            else:
+                ids += [self.boi_id] + [self.image_id] * self.n_context_tokens + [self.eoi_id]
+                pixels.append(self.pixels(x))
+        ids += self.tokenizer("\n\n<|Assistant|>:", add_special_tokens=False).input_ids if self.chat else [self.sep_id]
+        return ids, pixels
+
+    def encode_answer(self, segments):
+        """Target segments -> (ids, is_image, trainable) with images as VQ codes; <end_of_image> is
+        forced by the sampler after a full grid, so it is not a trained prediction."""
+        ids, is_image, train = [], [], []
+        images = [x for k, x in segments if k == "image"]
+        codes = self.vq_encode(images) if images else None
+        n = 0
+        for kind, x in segments:
+            if kind == "text":
+                t = self.tokenizer(x, add_special_tokens=False).input_ids
+                ids, is_image, train = ids + t, is_image + [False] * len(t), train + [True] * len(t)
+            else:
+                c = codes[n].tolist(); n += 1
+                ids += [self.boi_id] + c + [self.eoi_id]
+                is_image += [False] + [True] * len(c) + [False]
+                train += [True] * (len(c) + 1) + [False]
+        return ids + [self.eos_id], is_image + [False], train + [True]
+
+    def pixels(self, img):
+        img = img.convert("RGB")
+        if img.size != (self.image_size, self.image_size):
+            img = img.resize((self.image_size, self.image_size))
+        return data.to_tensor(img)
+
+    @torch.no_grad()
+    def vq_encode(self, images):
+        x = torch.stack([self.pixels(im) for im in images]).to(self.device)
+        return self.janus.model.vqmodel.encode(x).image_tokens.view(len(images), -1)
+
+    @torch.no_grad()
+    def vq_decode(self, codes):
+        x = self.janus.model.vqmodel.decode(codes.to(self.device))
+        return [data.to_image(t) for t in x.float().cpu()]
+
+    def embed(self, ids, is_image):
+        """Per-token input embedding: text table for text tokens, generation embedding for image codes."""
+        text = self.janus.get_input_embeddings()(torch.where(is_image, self.pad_id, ids))
+        if not is_image.any():
+            return text
+        image = self.janus.prepare_embeddings_for_image_generation(torch.where(is_image, ids, 0))
+        return torch.where(is_image.unsqueeze(-1), image.to(text.dtype), text)
+
+    def trunk(self, embeds, attention_mask, position_ids, cache=None, context_pixels=None, placeholders=None):
+        """Run the shared transformer. Context images are scattered into the <image_placeholder> slots
+        (`placeholders`: a bool mask; a VQ code may share the placeholder's id, so ids alone won't do)."""
+        if context_pixels is not None and len(context_pixels):
+            feats = self.janus.model.get_image_features(context_pixels.to(embeds.dtype)).pooler_output
+            mask = placeholders.unsqueeze(-1)
+            embeds = embeds.masked_scatter(mask, feats.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
+        out = self.janus.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                              position_ids=position_ids, past_key_values=cache, use_cache=cache is not None)
+        return out.last_hidden_state
+
+    def text_logits(self, h):
+        return self.janus.lm_head(h)
+
+    def image_logits(self, h):
+        return self.janus.model.generation_head(h)
+
+
+def tiny_janus(tokenizer, vq, cfg):
+    """A ~2.7M-parameter Janus for the toy world (facts about tiny configs: see DESIGN.md)."""
+    from transformers import JanusConfig, JanusForConditionalGeneration
+    H = cfg.n_embd
+    config = JanusConfig(
+        text_config=dict(model_type="llama", hidden_size=H, intermediate_size=4 * H, num_hidden_layers=cfg.n_layer,
+                         num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head, vocab_size=len(tokenizer),
+                         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2.0,
+                           image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=H, depth=2,
+                           num_image_tokens=(cfg.image_size // cfg.patch_size) ** 2),
+        vq_config=vq.config.to_dict(), image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"))
+    janus = JanusForConditionalGeneration(config)
+    janus.model.vqmodel.load_state_dict(vq.state_dict())  # the VQ trained in `prepare`
+    return janus
+
+
+def load_model(path, device, dtype=torch.float32):
+    """Any Janus folder saved by save_pretrained (ours or a hub id) with its tokenizer."""
+    from transformers import AutoTokenizer, JanusForConditionalGeneration
+    janus = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return UnifiedModel(janus, tokenizer, chat=tokenizer.sep_token_id is None)
+
+
+# -----------------------------------------------------------------------------
+# The interleaved sampler
+
+
+@dataclass
+class Rollout:
+    """A batch of trajectories, left-padded prompt + right-padded generated tokens, with per-token
+    records: id, modality, step index, the log-prob it was sampled with, and whether it was sampled."""
+    prompt_ids: torch.Tensor      # [B, P] left-padded
+    prompt_mask: torch.Tensor     # [B, P]
+    context: list                 # per row: list of [3,H,W] context image tensors
+    ids: torch.Tensor             # [B, T] generated tokens (text ids or VQ codes)
+    is_image: torch.Tensor        # [B, T] bool, modality of each token
+    step: torch.Tensor            # [B, T] which text segment / image a token belongs to
+    logp: torch.Tensor            # [B, T] log-prob under the sampling policy (0 where not sampled)
+    mask: torch.Tensor            # [B, T] 1 for sampled tokens; 0 for forced <end_of_image> and padding
+    finished: torch.Tensor        # [B] bool: ended with EOS inside the limits
+
+    def rows(self, idx):
+        pick = lambda t: t[idx]
+        return Rollout(pick(self.prompt_ids), pick(self.prompt_mask), [self.context[i] for i in idx.tolist()],
+                       pick(self.ids), pick(self.is_image), pick(self.step), pick(self.logp), pick(self.mask), pick(self.finished))
+
+
+def pad_prompts(model, prompts):
+    enc = [model.encode_prompt(p) for p in prompts]
+    P = max(len(ids) for ids, _ in enc)
+    prompt_ids = torch.full((len(enc), P), model.pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros(len(enc), P, dtype=torch.long)
+    for i, (ids, _) in enumerate(enc):  # left padding: every row's next token sits at the same column
+        prompt_ids[i, P - len(ids):], prompt_mask[i, P - len(ids):] = torch.tensor(ids), 1
+    return prompt_ids, prompt_mask, [px for _, px in enc]
+
+
+def _stack_context(context, device):
+    flat = [x for row in context for x in row]
+    return torch.stack(flat).to(device) if flat else None
+
+
+@torch.no_grad()
+def sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max_text_tokens=32, max_images=4, generator=None):
+    """Batched interleaved decoding with a KV cache. Every row is in text or image mode; one forward
+    step serves all rows: text-mode rows read the LM head, image-mode rows the generation head.
+    The model decides where an image goes by emitting <begin_of_image>; then exactly
+    n_image_tokens codes are sampled and <end_of_image> is forced; a row stops at EOS or a limit."""
+    dev = model.device
+    prompt_ids, prompt_mask, context = pad_prompts(model, prompts)
+    prompt_ids, prompt_mask = prompt_ids.to(dev), prompt_mask.to(dev)
+    B, N = prompt_ids.shape[0], model.n_image_tokens
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    h = model.trunk(model.embed(prompt_ids, torch.zeros_like(prompt_ids, dtype=torch.bool)), prompt_mask, pos, cache,
+                    _stack_context(context, dev), prompt_ids == model.image_id)[:, -1]
+    next_pos, attn = pos[:, -1] + 1, prompt_mask
+    # per-row state
+    img_left = torch.zeros(B, dtype=torch.long, device=dev)   # image codes still to sample (image mode if > 0)
+    force_eoi = torch.zeros(B, dtype=torch.bool, device=dev)   # the grid is full: next token is <end_of_image>
+    n_images = torch.zeros(B, dtype=torch.long, device=dev)
+    seg_len = torch.zeros(B, dtype=torch.long, device=dev)     # tokens in the current text segment
+    step = torch.zeros(B, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    out = {k: [] for k in ("ids", "is_image", "step", "logp", "mask")}
+    for _ in range(max_new_tokens):
+        in_image = (img_left > 0) & ~done
+        in_text = ~in_image & ~force_eoi & ~done
+        tok = torch.full((B,), model.pad_id, dtype=torch.long, device=dev)
+        lp = torch.zeros(B, device=dev)
+        for rows, head in ((in_text, model.text_logits), (in_image, model.image_logits)):
+            if rows.any():  # each head only on the rows in its mode
+                logp_all = torch.log_softmax(head(h[rows]).float() / temperature, dim=-1)
+                t = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
+                tok[rows], lp[rows] = t, logp_all.gather(-1, t[:, None]).squeeze(-1)
+        tok = torch.where(force_eoi & ~done, model.eoi_id, tok)
+        cur_step = step.clone()
+        # bookkeeping: the token's step index is that of the segment it belongs to
+        opens = in_text & (tok == model.boi_id)
+        ends = in_text & (tok == model.eos_id)
+        seg_len = torch.where(in_text, seg_len + 1, seg_len)
+        too_many = opens & (n_images >= max_images)
+        runaway = in_text & ~opens & ~ends & (seg_len >= max_text_tokens)
+        out["ids"].append(tok); out["is_image"].append(in_image); out["logp"].append(lp)
+        out["mask"].append((in_text | in_image).float()); out["step"].append(cur_step)
+        finished |= ends
+        done = done | ends | too_many | runaway
+        # mode changes: <boi> -> image mode (next step index); full grid -> force <eoi>; <eoi> -> text
+        start = opens & ~done
+        img_left = torch.where(start, N, torch.where(in_image, img_left - 1, img_left))
+        n_images = n_images + start.long()
+        step = step + start.long()
+        closing = force_eoi & ~done
+        step = step + closing.long()
+        seg_len = torch.where(closing, 0, seg_len)
+        force_eoi = in_image & (img_left == 0)
+        if done.all():
+            break
+        attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=dev)], 1)
+        h = model.trunk(model.embed(tok[:, None], in_image[:, None]), attn, next_pos[:, None], cache)[:, -1]
+        next_pos = next_pos + 1
+    st = {k: torch.stack(v, 1) for k, v in out.items()}
+    return Rollout(prompt_ids, prompt_mask, context, st["ids"], st["is_image"], st["step"], st["logp"], st["mask"], finished)
+
+
+def decode_rollout(model, ro):
+    """Rollout -> per row (segments, step index of each segment). A step's tokens become ("text", str)
+    or, for a complete grid of codes, ("image", PIL); a grid cut short by a limit is ("image", None).
+    An empty text step is kept only when it opens an image (then it is a format error for r_f)."""
+    N, special = model.n_image_tokens, {model.boi_id, model.eoi_id, model.eos_id, model.pad_id}
+    rows, grids = [], []
+    for b in range(ro.ids.shape[0]):
+        valid = ro.mask[b].bool() | (~ro.is_image[b] & (ro.ids[b] == model.eoi_id))
+        by_step = {}
+        for t, img, s in zip(ro.ids[b][valid].tolist(), ro.is_image[b][valid].tolist(), ro.step[b][valid].tolist()):
+            by_step.setdefault(s, []).append((t, img))
+        segs, steps = [], []
+        for s in sorted(by_step):
+            codes = [t for t, img in by_step[s] if img]
+            if codes:
+                if len(codes) == N:
+                    grids.append((b, len(segs), codes))
+                segs.append(("image", None))
+            else:
+                words = [t for t, _ in by_step[s] if t not in special]
+                text = model.tokenizer.decode(words, skip_special_tokens=True).strip()
+                if not text and all(t != model.boi_id for t, _ in by_step[s]):
+                    continue
+                segs.append(("text", text))
+            steps.append(s)
+        rows.append((segs, steps))
+    if grids:
+        for (b, i, _), im in zip(grids, model.vq_decode(torch.tensor([g for _, _, g in grids]))):
+            rows[b][0][i] = ("image", im)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Teacher-forced log-probs over both heads (used by warm-up, the policy, and the reference)
+
+
+def sequence_logprobs(model, ro, temperature=1.0, with_entropy=False):
+    """log pi(o_t | q, o_<t) for every generated token, with the same temperature as the sampler, so
+    that on-policy the ratio is exactly 1. The hidden state at position t predicts token t+1: the
+    one at <begin_of_image> predicts image code 0 through the generation head."""
+    dev = model.device
+    ids = torch.cat([ro.prompt_ids, ro.ids], 1).to(dev)
+    is_image = torch.cat([torch.zeros_like(ro.prompt_ids, dtype=torch.bool), ro.is_image], 1).to(dev)
+    attn = torch.cat([ro.prompt_mask, torch.ones_like(ro.ids)], 1).to(dev)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    tgt, img = ro.ids.to(dev), ro.is_image.to(dev)
+    h = model.trunk(model.embed(ids, is_image), attn, pos, None, _stack_context(ro.context, dev), 
+                    torch.cat([ro.prompt_ids.to(dev) == model.image_id, torch.zeros_like(img)], 1))
+    P = ro.prompt_ids.shape[1]
+    h = h[:, P - 1:-1]  # hidden states that predict the generated tokens
+    logp = torch.zeros(tgt.shape, device=dev)
+    ent = torch.zeros(tgt.shape, device=dev) if with_entropy else None
+    for rows, head in ((~img, model.text_logits), (img, model.image_logits)):
+        if rows.any():
+            lsm = torch.log_softmax(head(h[rows]).float() / temperature, dim=-1)
+            logp[rows] = lsm.gather(-1, tgt[rows][:, None]).squeeze(-1)
+            if with_entropy:
+                ent[rows] = -(lsm.exp() * lsm).sum(-1).detach()
+    return logp, ent
+
+
+# -----------------------------------------------------------------------------
+# Stage 1: warm-up on the hybrid mix
+
+
+def make_batch(model, examples, answers=None):
+    """Examples -> a teacher-forcing Rollout (prompt left-padded, answer right-padded). `answers` may
+    hold pre-encoded answers (VQ encoding once per data set, not once per step)."""
+    prompt_ids, prompt_mask, context = pad_prompts(model, [e.prompt for e in examples])
+    enc = answers if answers is not None else [model.encode_answer(e.answer) for e in examples]
+    T = max(len(ids) for ids, _, _ in enc)
+    ids = torch.full((len(enc), T), model.pad_id, dtype=torch.long)
+    is_image = torch.zeros(len(enc), T, dtype=torch.bool)
+    mask = torch.zeros(len(enc), T)
+    for i, (a, b, c) in enumerate(enc):
+        ids[i, :len(a)], is_image[i, :len(a)], mask[i, :len(a)] = torch.tensor(a), torch.tensor(b), torch.tensor(c, dtype=torch.float)
+    z = torch.zeros_like(ids)
+    return Rollout(prompt_ids, prompt_mask, context, ids, is_image, z, z.float(), mask, torch.ones(len(enc), dtype=torch.bool))
+
+
+def warmup(cfg, log):
+    """Plain next-token NLL over text and image tokens alike (stage 1)."""
+    dev = resolve_device(cfg)
+    ckpt = os.path.join(cfg.out_dir, "warmup")
+    state = load_state(ckpt)
+    if state and state["iter"] >= cfg.warmup_iters:
+        print(f"warm-up: complete checkpoint found in {ckpt}")
+        return
+    torch.manual_seed(cfg.seed)
+    if state:
+        model = load_model(ckpt, dev)
+        print(f"warm-up: resuming from {ckpt} at iter {state['iter']}")
+    elif cfg.model:
+        model = load_model(cfg.model, dev, getattr(torch, cfg.dtype))
+    else:
+        tok, vq, _ = load_prepared(cfg)
+        model = UnifiedModel(tiny_janus(tok, vq, cfg).to(dev), tok)
+    if cfg.warmup_data:
+        mix = data.load_jsonl(cfg.warmup_data)
+    else:
+        mix = data.warmup_mix(cfg.n_understanding, seed=cfg.seed, ratio=(cfg.interleaved_ratio, 1.0, 1.0), image_size=cfg.image_size)
+    answers = [model.encode_answer(e.answer) for e in tqdm(mix, desc="encode warm-up answers", disable=None)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.warmup_lr, weight_decay=0.0)
+    start = 0
+    if state:
+        opt.load_state_dict(state["optimizer"]); start = state["iter"]
+        torch.set_rng_state(state["rng"])
+    rng = random.Random(cfg.seed + start)
+    model.train()
+    for it in tqdm(range(start, cfg.warmup_iters), desc="warm-up", initial=start, total=cfg.warmup_iters, disable=None):
+        lr_it = cfg.warmup_lr * min(1.0, (it + 1) / 50) * 0.5 * (1 + math.cos(math.pi * it / cfg.warmup_iters))  # linear warmup, cosine decay
+        for g in opt.param_groups:
+            g["lr"] = lr_it
+        t0 = time.time()
+        pick = rng.sample(range(len(mix)), min(cfg.warmup_batch_size, len(mix)))
+        batch = make_batch(model, [mix[i] for i in pick], [answers[i] for i in pick])
+        logp, _ = sequence_logprobs(model, batch)
+        m = batch.mask.to(dev)
+        loss = -(logp * m).sum() / m.sum()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"warm-up loss is {loss.item()} at iter {it}; lower --warmup_lr (now {cfg.warmup_lr}) or check the data")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        if it % cfg.log_interval == 0 or it == cfg.warmup_iters - 1:
+            img = batch.is_image.to(dev) & m.bool()
+            log(dict(stage="warmup", iter=it, loss=loss.item(), loss_text=-(logp[m.bool() & ~img]).mean().item(),
+                     loss_image=-(logp[img]).mean().item() if img.any() else 0.0, grad_norm=gn.item(), lr=lr_it, sec=time.time() - t0))
+        if (it + 1) % cfg.ckpt_interval == 0 or it + 1 == cfg.warmup_iters:
+            save_checkpoint(model, ckpt, dict(iter=it + 1, optimizer=opt.state_dict(), rng=torch.get_rng_state()))
+    model.eval()
+    write_storyboard(model, cfg, "warmup", cfg.warmup_iters)
+
+
+# -----------------------------------------------------------------------------
+# GRPO maths: each equation of PAPER.md, once
+
+
+def group_advantages(rewards, group_size, eps=1e-4):
+    """Outcome advantage A_i = (R_i - mean(R)) / std(R) within each group of G rollouts of one prompt.
+    std is the unbiased one, as in TRL; eps keeps an all-equal group at exactly 0 (not NaN)."""
+    r = rewards.view(-1, group_size)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+
+
+def process_advantages(step_rewards, token_step, group_size, eps=1e-4):
+    """DeepSeekMath process supervision: normalise every step reward of the group by the mean/std of
+    that collection, then give token t the sum of the normalised rewards of the steps that end at or
+    after t. step_rewards: [B, S] with NaN where a row has no such step; token_step: [B, T]."""
+    B, S = step_rewards.shape
+    r = step_rewards.view(-1, group_size * S)
+    valid = ~torch.isnan(r)
+    n = valid.sum(1, keepdim=True).clamp(min=1)
+    mean = torch.where(valid, r, 0.0).sum(1, keepdim=True) / n
+    var = torch.where(valid, (r - mean) ** 2, 0.0).sum(1, keepdim=True) / (n - 1).clamp(min=1)
+    norm = torch.where(valid, (r - mean) / (var.sqrt() + eps), 0.0).view(B, S)
+    suffix = norm.flip(1).cumsum(1).flip(1)  # suffix[j] = sum of normalised rewards of steps >= j
+    suffix = torch.cat([suffix, torch.zeros(B, 1)], 1)  # tokens past the last step get 0
+    return suffix.gather(1, token_step.clamp(max=S))
+
+
+def k3_kl(logp, ref_logp):
+    """Unbiased, always-positive KL(pi_theta || pi_ref) estimator per token (Schulman's k3)."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_beta=0.04, loss_type="sequence"):
+    """The unified clipped objective, over text and image tokens of one trajectory alike:
+    J = mean_i 1/|o_i| sum_t [min(r A, clip(r, 1-eps, 1+eps) A) - beta KL_t]; returns -J and stats."""
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages)
+    kl = k3_kl(logp, ref_logp) if kl_beta > 0 else torch.zeros_like(logp)
+    per_token = surrogate - kl_beta * kl
+    if loss_type == "sequence":  # the paper: average over each trajectory's tokens, then over trajectories
+        J = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    else:  # token level (DAPO-style): long trajectories weigh more
+        J = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    with torch.no_grad():
+        m = mask.bool()
+        clipped = ((ratio < 1 - clip_eps) & (advantages < 0)) | ((ratio > 1 + clip_eps) & (advantages > 0))
+        stats = dict(kl=kl[m].mean().item() if m.any() else 0.0, clip_ratio=clipped[m].float().mean().item() if m.any() else 0.0)
+    return -J, stats
+
+
+# -----------------------------------------------------------------------------
+# Stage 2: GRPO
+
+
+def build_scorers(cfg, tokenizer, dev):
+    """The reward models: r_t's critic and r_v's visual scorer (toy ones trained in `prepare`)."""
+    critic = rewards.ToyTextCritic(data.parse) if cfg.text_critic == "toy" else rewards.VLMCritic(cfg.text_critic, dev)
+    name = cfg.visual_scorer
+    if name in ("clip", "clip_weak"):
+        scorer = rewards.load_clip(os.path.join(cfg.out_dir, "prepare", name), tokenizer)
+    elif name.startswith("openclip:"):
+        arch, _, pretrained = name[len("openclip:"):].partition("/")
+        scorer = rewards.load_openclip_scorer(arch, pretrained, dev)
+    elif name == "imagereward":
+        scorer = rewards.ImageRewardScorer(dev)
+    else:
+        raise SystemExit(f"error: unknown --visual_scorer {name!r}; use clip, clip_weak, openclip:ARCH/PRETRAINED or imagereward")
+    return critic, scorer
+
+
+def score_rollout(model, ro, examples, critic, scorer, cfg):
+    """Decode, then the hybrid reward per trajectory and per step (step rewards laid out [B, S])."""
+    decoded = decode_rollout(model, ro)
+    out = rewards.hybrid_reward([s for s, _ in decoded], ro.finished.tolist(), [e.ref_texts for e in examples],
+                                [e.n_steps for e in examples], critic, scorer, use_format=cfg.use_format_reward,
+                                use_text=cfg.use_text_reward, use_visual=cfg.use_visual_reward)
+    S = int(ro.step.max()) + 1
+    steps = torch.full((len(decoded), S), float("nan"))
+    for b, ((segs, seg_steps), step_r) in enumerate(zip(decoded, out["steps"])):
+        for (kind, _), s, r in zip(segs, seg_steps, step_r):
+            # a step's reward counts only if its term is on (the process reward follows the ablation)
+            if r is not None and (cfg.use_text_reward if kind == "text" else cfg.use_visual_reward):
+                steps[b, s] = r
+    out["step_tensor"], out["decoded"] = steps, decoded
+    return out
+
+
+def grpo(cfg, log):
+    dev = resolve_device(cfg)
+    ckpt, init = os.path.join(cfg.out_dir, "grpo"), os.path.join(cfg.out_dir, "warmup")
+    state = load_state(ckpt)
+    if state and state["iter"] >= cfg.grpo_iters:
+        print(f"grpo: complete checkpoint found in {ckpt}")
+        return
+    torch.manual_seed(cfg.seed)
+    policy = load_model(ckpt if state else init, dev)
+    # the reference is the frozen warm-up model; with kl_beta = 0 it is never loaded
+    ref = load_model(init, dev).requires_grad_(False) if cfg.kl_beta > 0 else None
+    critic, scorer = build_scorers(cfg, policy.tokenizer, dev)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    start = 0
+    if state:
+        opt.load_state_dict(state["optimizer"]); start = state["iter"]
+        torch.set_rng_state(state["rng"])
+        print(f"grpo: resuming from {ckpt} at iter {start}")
+    prompts_pool = rl_prompts(cfg)
+    rng = random.Random(cfg.seed + 1000 + start)
+    G = cfg.group_size
+    for it in tqdm(range(start, cfg.grpo_iters), desc="grpo", initial=start, total=cfg.grpo_iters, disable=None):
+        examples = rng.sample(prompts_pool, cfg.prompts_per_step)
+        group = [e for e in examples for _ in range(G)]  # a group = G rollouts of one prompt, adjacent rows
+        t0 = time.time()
+        policy.eval()
+        ro = sample_interleaved(policy, [e.prompt for e in group], cfg.temperature, cfg.max_new_tokens, cfg.max_text_tokens, cfg.max_images)
+        t1 = time.time()
+        sc = score_rollout(policy, ro, group, critic, scorer, cfg)
+        R = sc["reward"].float()
+        adv = group_advantages(R, G)[:, None].expand_as(ro.logp).clone()
+        if cfg.process_reward:
+            adv = adv + process_advantages(sc["step_tensor"], ro.step.cpu(), G)
+        adv = adv.to(dev)
+        t2 = time.time()
+        ref_logp = sequence_logprobs(ref, ro, cfg.temperature)[0].detach() if ref is not None else None  # once per batch
+        old_logp, mask = ro.logp.to(dev), ro.mask.to(dev)  # old log-probs come from the sampler, not recomputed
+        policy.train()
+        for epoch in range(cfg.inner_epochs):
+            logp, ent = sequence_logprobs(policy, ro, cfg.temperature, with_entropy=epoch == 0)
+            loss, st = grpo_loss(logp, old_logp, ref_logp if ref_logp is not None else logp.detach(), adv, mask,
+                                 cfg.clip_eps, cfg.kl_beta, cfg.loss_type)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"GRPO loss is {loss.item()} at iter {it}; lower --lr (now {cfg.lr}) or check rewards")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            if epoch == 0:
+                first = dict(entropy=(ent * mask).sum().item() / mask.sum().item(), kl=st["kl"])
+        t3 = time.time()
+        if it % cfg.log_interval == 0 or it + 1 == cfg.grpo_iters:
+            r = R.view(-1, G)
+            m = ro.mask.bool()
+            log({"stage": "grpo", "iter": it, "reward": R.mean().item(), "reward_std": r.std(1).mean().item(),
+                 **{f"rewards/{k}/mean": sc[k].float().mean().item() for k in ("format", "text", "visual")},
+                 "kl": first["kl"], "clip_ratio": st["clip_ratio"], "entropy": first["entropy"], "loss": loss.item(),
+                 "grad_norm": gn.item(), "frac_reward_zero_std": (r.std(1) < 1e-6).float().mean().item(),
+                 "completions/mean_text_tokens": (m & ~ro.is_image).sum(1).float().mean().item(),
+                 "completions/mean_image_tokens": (m & ro.is_image).sum(1).float().mean().item(),
+                 "time/sampling": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2})
+        if (it + 1) % cfg.ckpt_interval == 0 or it + 1 == cfg.grpo_iters:
+            save_checkpoint(policy, ckpt, dict(iter=it + 1, optimizer=opt.state_dict(), rng=torch.get_rng_state()))
+        if (it + 1) % cfg.storyboard_interval == 0 or it + 1 == cfg.grpo_iters:
+            policy.eval()
+            write_storyboard(policy, cfg, "grpo", it + 1)
+
+
+def rl_prompts(cfg):
+    """GRPO prompts: the interleaved task families from the RL split (never seen in warm-up)."""
+    n = 400
+    return [e for task in ("story", "howto", "continuation")
+            for e in data.make_examples(task, n, "rl", seed=cfg.seed, image_size=cfg.image_size)]
+
+
+# -----------------------------------------------------------------------------
+# Prepare, checkpoints, storyboards, logging
+
+
+def prepare(cfg):
+    """Toy world: text tokenizer, VQ image tokenizer and the tiny CLIP for r_v, cached in out_dir/prepare."""
+    root = os.path.join(cfg.out_dir, "prepare")
+    if not os.path.exists(os.path.join(root, "tokenizer")):
+        tok = data.build_text_tokenizer()
+        atomic_dir(os.path.join(root, "tokenizer"), tok.save_pretrained)
+    tok = _load_tokenizer(root)
+    rs = random.Random(cfg.seed)
+    if not os.path.exists(os.path.join(root, "vq")):
+        scenes = [data.random_scene(rs) for _ in range(2000)]
+        vq, stats = data.train_vq(data.make_vq_config(cfg.image_size, cfg.patch_size, cfg.codebook_size, cfg.n_embd),
+                                  [data.render(s, cfg.image_size) for s in scenes], steps=cfg.vq_steps, seed=cfg.seed)
+        print(f"prepare: VQ tokenizer {json.dumps(stats)}")
+        atomic_dir(os.path.join(root, "vq"), vq.save_pretrained)
+    for name, steps in (("clip", cfg.clip_steps), ("clip_weak", max(1, cfg.clip_steps // 10))):
+        if not os.path.exists(os.path.join(root, name)):
+            scenes = [data.random_scene(rs) for _ in range(4000)]
+            scorer, stats = rewards.train_tiny_clip([data.render(s, cfg.image_size) for s in scenes],
+                                                    [data.describe(s) for s in scenes], tok, cfg.image_size, steps=steps, seed=cfg.seed)
+            print(f"prepare: tiny CLIP ({name}) {json.dumps(stats)}")
+            atomic_dir(os.path.join(root, name), lambda d: rewards.save_clip(scorer, d))
+
+
+def _load_tokenizer(root):
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast.from_pretrained(os.path.join(root, "tokenizer"))
+
+
+def load_prepared(cfg):
+    from transformers import JanusVQVAE
+    root = os.path.join(cfg.out_dir, "prepare")
+    tok = _load_tokenizer(root)
+    return tok, JanusVQVAE.from_pretrained(os.path.join(root, "vq")), root
+
+
+def atomic_dir(path, write):
+    """Write a folder atomically: into a temp folder, then rename over the old one, so a killed run
+    never leaves a half-written checkpoint (at worst path.old, which load_state recovers)."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(model, path, state):
+    def write(d):
+        model.janus.save_pretrained(d)
+        model.tokenizer.save_pretrained(d)
+        torch.save(state, os.path.join(d, "trainer_state.pt"))
+    atomic_dir(path, write)
+
+
+def load_state(path):
+    if not os.path.exists(path) and os.path.exists(path + ".old"):
+        os.replace(path + ".old", path)  # a crash between the two renames of atomic_dir
+    f = os.path.join(path, "trainer_state.pt")
+    return torch.load(f, weights_only=False) if os.path.exists(f) else None
+
+
+def write_storyboard(model, cfg, stage_name, it, n=6):
+    """Sample a few held-out prompts and write an HTML page (images inline) and a PNG strip."""
+    from PIL import Image, ImageDraw
+    examples = [e for task in ("story", "howto") for e in data.make_examples(task, n // 2, "eval", seed=cfg.seed, image_size=cfg.image_size)]
+    gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
+    ro = sample_interleaved(model, [e.prompt for e in examples], cfg.temperature, cfg.max_new_tokens, cfg.max_text_tokens, cfg.max_images, generator=gen)
+    decoded = decode_rollout(model, ro)
+    os.makedirs(os.path.join(cfg.out_dir, "storyboards"), exist_ok=True)
+    base = os.path.join(cfg.out_dir, "storyboards", f"{stage_name}_{it:05d}")
+    html = [f"<html><body style='font-family:sans-serif'><h2>{stage_name} iter {it}</h2>"]
+    S, rowsimg = 96, []
+    for e, (segs, _) in zip(examples, decoded):
+        prompt = " ".join(x for k, x in e.prompt if k == "text")
+        html.append(f"<hr><p><b>prompt:</b> {prompt}</p><p><b>sample:</b> ")
+        strip = Image.new("RGB", (S * (1 + max(1, len(segs))), S), "white")
+        d = ImageDraw.Draw(strip)
+        d.multiline_text((2, 2), _wrap(prompt, 16), fill="black")
+        for j, (k, x) in enumerate(segs):
+            if k == "text":
+                html.append(f"{x} ")
+                d.multiline_text((S * (j + 1) + 2, 2), _wrap(x, 16), fill="navy")
+            elif x is None:
+                html.append("[truncated image] ")
+            else:
+                buf = io.BytesIO(); x.resize((S, S), Image.NEAREST).save(buf, format="PNG")
+                html.append(f"<img src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}' style='vertical-align:middle'> ")
+                strip.paste(x.resize((S, S), Image.NEAREST), (S * (j + 1), 0))
+        html.append("</p>")
+        rowsimg.append(strip)
+    with open(base + ".html", "w") as f:
+        f.write("\n".join(html) + "</body></html>")
+    W = max(r.width for r in rowsimg)
+    sheet = Image.new("RGB", (W, S * len(rowsimg)), "white")
+    for i, r in enumerate(rowsimg):
+        sheet.paste(r, (0, S * i))
+    sheet.save(base + ".png")
+
+
+def _wrap(text, width):
+    words, lines, cur = text.split(), [], ""
+    for w in words:
+        if len(cur) + len(w) + 1 > width:
+            lines.append(cur); cur = w
+        else:
+            cur = (cur + " " + w).strip()
+    return "\n".join(lines + [cur])
+
+
+def resolve_device(cfg):
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def make_logger(cfg):
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    path = os.path.join(cfg.out_dir, "metrics.jsonl")
+
+    def log(row):
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        keys = ("loss", "reward", "rewards/format/mean", "rewards/text/mean", "rewards/visual/mean", "kl", "clip_ratio")
+        msg = " ".join(f"{k.split('/')[1] if '/' in k else k} {row[k]:.4f}" for k in keys if k in row)
+        secs = sum(v for k, v in row.items() if k.startswith("time/")) or row.get("sec", 0)
+        tqdm.write(f"[{row['stage']}] iter {row['iter']}: {msg} | {secs:.2f}s")
+    return log
+
+
+def main(argv=None):
+    cfg = get_config(sys.argv[1:] if argv is None else argv)
+    if cfg.dry_run:
+        print(json.dumps(vars(cfg), indent=2))
+        return cfg
+    torch.manual_seed(cfg.seed); random.seed(cfg.seed)
+    log = make_logger(cfg)
+    order = ["prepare", "warmup", "grpo"]
+    todo = order[: order.index(cfg.stage) + 1] if cfg.stage in order else order
+    for name in todo:
+        if name != cfg.stage:
+            done = os.path.exists(os.path.join(cfg.out_dir, name if name != "prepare" else "prepare/tokenizer"))
+            state = load_state(os.path.join(cfg.out_dir, name)) if name != "prepare" else None
+            iters = cfg.warmup_iters if name == "warmup" else cfg.grpo_iters
+            if name == "prepare" and cfg.model:
+                continue
+            if done and (name == "prepare" or (state and state["iter"] >= iters)):
+                continue
+            print(f"{cfg.stage}: no finished {name} stage in {cfg.out_dir}; running it first")
+        if name == "prepare":
+            if not cfg.model:
+                prepare(cfg)
+        elif name == "warmup":
+            warmup(cfg, log)
+        elif name == "grpo":
+            grpo(cfg, log)
+    if cfg.stage == "eval":
+        import eval as evaluation  # eval.py imports this file; importing it here at run time keeps that one-way
+        evaluation.main(["--out_dir", cfg.out_dir])
+    return cfg
+
+
+if __name__ == "__main__":
+    main()
