@@ -1,0 +1,735 @@
+"""
+Evaluation: the toy benchmark with its oracle, retained abilities, and every stage checkpoint.
+
+    python eval.py --out_dir out            # every checkpoint found in out/ on the same held-out prompts
+
+The ORACLE is the honest number: no reward model is involved. For every expected answer step it
+reads the generated text with the grammar parser and the generated image with the pixel-level
+scene reader (data.parse_image), and checks
+  - text:  does the text state the true next scene?
+  - image: does the image show the scene its own text describes (render-and-compare)?
+  - step:  both, and the image shows the true scene.
+A CLIP reward that rises while the oracle stays flat is reward hacking.
+Retained abilities (the paper's MME-P / GenEval analogs): understanding accuracy (image in,
+description out, parsed) and text-to-image accuracy (description in, image read back by the oracle).
+"""
+import json
+import os
+import re
+import shutil
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+import rewards
+import unigrpo
+
+
+def oracle_step_scores(segments, states):
+    """Per expected step: (text right, image matches its text, step right). Missing steps score 0."""
+    texts = [x for k, x in segments if k == "text"]
+    images = [x for k, x in segments if k == "image"]
+    out = []
+    for i, truth in enumerate(states):
+        said = data.parse(texts[i]) if i < len(texts) else None
+        seen = data.parse_image(images[i]) if i < len(images) and images[i] is not None else None
+        out.append((said == truth, seen is not None and seen == said, said == truth and seen == truth))
+    return out
+
+
+@torch.no_grad()
+def evaluate_interleaved(model, examples, critic, scorer, cfg, seed=0):
+    """Sample one answer per held-out interleaved prompt; oracle, format and reward terms."""
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    rows = []
+    for i in range(0, len(examples), 32):
+        ex = examples[i:i + 32]
+        ro = unigrpo.sample_interleaved(model, [e.prompt for e in ex], cfg.temperature, cfg.max_new_tokens,
+                                        cfg.max_text_tokens, cfg.max_images, generator=g)
+        sc = unigrpo.score_rollout(model, ro, ex, critic, scorer, cfg)
+        for j, e in enumerate(ex):
+            segs = sc["decoded"][j][0]
+            o = oracle_step_scores(segs, e.states)
+            rows.append(dict(oracle_step=sum(s for _, _, s in o) / len(o), oracle_text=sum(t for t, _, _ in o) / len(o),
+                             oracle_image=sum(m for _, m, _ in o) / len(o), format=float(sc["format"][j]),
+                             text=float(sc["text"][j]), visual=float(sc["visual"][j]),
+                             reward=float(sc["format"][j] + sc["text"][j] + sc["visual"][j]),
+                             images=sum(k == "image" for k, _ in segs)))
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+
+
+@torch.no_grad()
+def evaluate_retained(model, cfg, n, seed=0):
+    """Understanding accuracy and text-to-image accuracy by the oracle."""
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    und = data.make_examples("understanding", n, "eval", seed=seed, image_size=cfg.image_size)
+    t2i = data.make_examples("t2i", n, "eval", seed=seed, image_size=cfg.image_size)
+    res = {}
+    for name, ex, check in (("understanding_acc", und, lambda segs, s: any(k == "text" and data.parse(x) == s for k, x in segs[:1])),
+                            ("t2i_acc", t2i, lambda segs, s: any(k == "image" and x is not None and data.parse_image(x) == s for k, x in segs[:1]))):
+        ok = 0
+        for i in range(0, n, 32):
+            ro = unigrpo.sample_interleaved(model, [e.prompt for e in ex[i:i + 32]], cfg.temperature, cfg.max_new_tokens,
+                                            cfg.max_text_tokens, cfg.max_images, generator=g)
+            ok += sum(check(segs, e.states[0]) for (segs, _), e in zip(unigrpo.decode_rollout(model, ro), ex[i:i + 32]))
+        res[name] = ok / n
+    return res
+
+
+def eval_prompts(cfg, n):
+    per = max(1, n // 3)
+    return [e for t in ("story", "howto", "continuation") for e in data.make_examples(t, per, "eval", seed=cfg.seed, image_size=cfg.image_size)]
+
+
+def evaluate_checkpoint(path, cfg, n=None, critic_scorer=None):
+    n = n or cfg.eval_prompts
+    model = unigrpo.load_model(path, unigrpo.resolve_device(cfg)).eval()
+    critic, scorer = critic_scorer or unigrpo.build_scorers(cfg, model.tokenizer, model.device)
+    out = evaluate_interleaved(model, eval_prompts(cfg, n), critic, scorer, cfg)
+    out.update(evaluate_retained(model, cfg, n))
+    return out
+
+
+COLUMNS = ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "text", "visual", "images", "understanding_acc", "t2i_acc")
+
+
+def markdown_table(results):
+    head = "| checkpoint | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS)
+    body = [f"| {name} | " + " | ".join(f"{r[c]:.3f}" for c in COLUMNS) + " |" for name, r in results.items()]
+    return "\n".join([head] + body)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = unigrpo.get_config(argv)
+    results = {}
+    for name in ("warmup", "grpo"):
+        path = os.path.join(cfg.out_dir, name)
+        if os.path.exists(os.path.join(path, "config.json")):
+            results[name] = evaluate_checkpoint(path, cfg)
+            print(f"{name}: {json.dumps(results[name])}")
+    if not results:
+        raise SystemExit(f"error: no checkpoints in {cfg.out_dir}; run python unigrpo.py --stage grpo --out_dir {cfg.out_dir} first")
+    table = markdown_table(results)
+    print(table)
+    with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# MMIE and InterleavedBench: loaders, official-format writers, proxy scores
+
+# Benchmarks: MMIE and InterleavedBench. Loaders, writers in each official scorer's input layout,
+# the official MMIE scorer's reading and parsing rules, aggregation, and a local PROXY score.
+#
+# Neither official judge runs offline (MMIE-Score is a gated 4B model, InterleavedBench's is GPT-4o),
+# so this section (1) writes generations exactly as the official scorers read them, for a user to
+# score officially, and (2) scores them locally with our own reward models. The local numbers are
+# always labelled "proxy": they keep each benchmark's aggregation rules but are a different metric,
+# never to be put next to published numbers as if they were the same.
+#
+# Records are plain dicts; a segment is ("text", str) or ("image", absolute path) as loaded (the
+# writers also take PIL images). load_segment_images turns the paths into PIL images for the model.
+MMIE_CATEGORIES = ("SA", "PBL", "MSR")  # tested as substrings of the id, in this order (as the official scorer does)
+MMIE_MAX_IMAGES = 4      # the official scorer drops samples with more images than this (of those it read)
+MMIE_IMAGE_CUTOFF = 3    # ... and stops reading the answer once this many images were read in total
+IB_ASPECTS = ("text_quality", "perceptual_quality", "image_coherence", "text_image_coherence", "helpfulness")
+IB_TEXT_ASPECTS = ("text_quality", "text_image_coherence")  # not scored on editing / composition tasks
+
+
+class BenchmarkFormatError(ValueError):
+    """A record the loader cannot read; the loaders add the file, record index and id to the message."""
+
+
+def _bad(msg):
+    raise BenchmarkFormatError(msg)
+
+
+def _read_json_list(data_path, default_name, bench):
+    """DIR (holding default_name) or the JSON file itself -> (file, folder, list of records)."""
+    path = os.path.abspath(data_path)
+    file = os.path.join(path, default_name) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{bench}: {file} not found; pass the folder that holds {default_name}, or the file")
+    try:
+        with open(file, encoding="utf-8") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: invalid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+        obj = obj["data"]
+    if not isinstance(obj, list):
+        keys = f" with keys {sorted(obj)[:10]}" if isinstance(obj, dict) else ""
+        raise ValueError(f"{file}: expected a JSON list of records (or {{\"data\": [...]}}), "
+                         f"got {type(obj).__name__}{keys}")
+    return file, os.path.dirname(file), obj
+
+
+def _find_image(folder, rel, subdirs):
+    """A record's image path -> an existing absolute file, or a BenchmarkFormatError naming what was tried.
+    Where the archives unpack relative to the JSON is not documented, so a few roots are tried."""
+    if not isinstance(rel, str) or not rel:
+        _bad(f"image path must be a non-empty string, got {rel!r:.60}")
+    tried = [rel] if os.path.isabs(rel) else [os.path.join(folder, d, rel) for d in ("",) + subdirs]
+    for p in tried:
+        if os.path.isfile(p):
+            return os.path.normpath(p)
+    _bad(f"missing image file {rel!r} (tried {', '.join(tried)})")
+
+
+def _split_placeholders(text, paths):
+    """'a <image> b' + [p] -> [("text", "a"), ("image", p), ("text", "b")]; blank text parts dropped."""
+    parts, segs = text.split("<image>"), []
+    for k, part in enumerate(parts):
+        if part.strip():
+            segs.append(("text", part.strip()))
+        if k < len(parts) - 1:
+            segs.append(("image", paths[k]))
+    return segs
+
+
+def _record_name(i, item):
+    rid = item.get("id") if isinstance(item, dict) else None
+    return f"record {i} (id {rid!r})" if rid is not None else f"record {i} (no id)"
+
+
+def _load_records(data_path, default_name, bench, parse_one, strict):
+    """Shared loop: parse every record, check ids are unique, raise or skip with the record named."""
+    file, folder, items = _read_json_list(data_path, default_name, bench)
+    records, skipped, first = [], [], {}
+    for i, item in enumerate(items):
+        name = _record_name(i, item)
+        try:
+            rec, notes = parse_one(item, folder)
+            if rec["id"] in first:
+                _bad(f"duplicate id (also record {first[rec['id']]}); scores are keyed by id")
+        except BenchmarkFormatError as err:
+            if strict:
+                raise BenchmarkFormatError(f"{file}: {name}: {err}") from None
+            skipped.append(f"{name}: record skipped: {err}")
+            continue
+        first[rec["id"]] = i
+        rec["index"] = i
+        records.append(rec)
+        skipped += [f"{name}: {n}" for n in notes]
+    return records, skipped
+
+# --- MMIE
+
+
+def mmie_category(record_id):
+    """'SA' / 'PBL' / 'MSR' by substring of the id, tested in the official scorer's order; None if none."""
+    return next((c for c in MMIE_CATEGORIES if c in record_id), None)
+
+
+def _mmie_scorer_segments(value, name, folder):
+    """The scorer-input layout's [{"text", "image"}, ...] -> segments (text before image, as it reads them)."""
+    if not isinstance(value, list):
+        _bad(f'"{name}" must be a list of {{"text", "image"}} objects (or, for "answer", a string), '
+             f"got {type(value).__name__}")
+    segs = []
+    for k, seg in enumerate(value):
+        if not isinstance(seg, dict):
+            _bad(f"{name}[{k}] must be an object with \"text\" and/or \"image\", got {seg!r:.60}")
+        text, image = seg.get("text"), seg.get("image")
+        if text is not None and not isinstance(text, str):
+            _bad(f"{name}[{k}].text must be a string or null, got {type(text).__name__}")
+        if text is not None:
+            segs.append(("text", text))
+        if image is not None:
+            try:
+                segs.append(("image", _find_image(folder, image, ("images",))))
+            except BenchmarkFormatError as err:
+                _bad(f"{name}[{k}]: {err}")
+    return segs
+
+
+def _mmie_from_scorer_layout(item, folder):
+    notes = []
+    question = _mmie_scorer_segments(item["question"], "question", folder)
+    answer = item.get("answer")
+    answer = [] if answer is None else [("text", answer)] if isinstance(answer, str) else \
+        _mmie_scorer_segments(answer, "answer", folder)
+    model = item.get("model")
+    gt = None
+    if "gt_answer" in item:
+        ga = item["gt_answer"]  # the official reader takes gt_answer[0]["text"], so that must exist
+        if not isinstance(ga, list) or not ga or not isinstance(ga[0], dict) or "text" not in ga[0]:
+            _bad(f'"gt_answer" must be a non-empty list whose first item has a "text" key, got {ga!r:.80}')
+        if ga[0]["text"] is not None and not isinstance(ga[0]["text"], str):
+            _bad(f'gt_answer[0].text must be a string or null, got {type(ga[0]["text"]).__name__}')
+        gt = ga[0]["text"]
+    else:
+        notes.append('no "gt_answer"')
+    if gt is None and model == "gt":  # the release's own answers: the answer is the reference
+        gt = "\n".join(x for k, x in answer if k == "text") or None
+    return question, answer, gt, model, notes
+
+
+def _mmie_from_conversation_layout(item, folder):
+    convs = item["conversations"]
+    if not isinstance(convs, list):
+        _bad(f'"conversations" must be a list of {{"from", "value"}} turns, got {type(convs).__name__}')
+    images = item.get("image", item.get("images"))
+    images = [] if images is None else [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        _bad(f'"image" must be a list of paths, got {images!r:.80}')
+    human = gpt = None
+    notes, used = [], 0  # used: images taken by earlier turns' placeholders (paired in order over all turns)
+    spans = []
+    for j, turn in enumerate(convs):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or "from" not in turn:
+            _bad(f'conversations[{j}] must be an object with "from" and a string "value", got {turn!r:.80}')
+        n = turn["value"].count("<image>")
+        spans.append((used, used + n))
+        used += n
+        role = turn["from"]
+        if role in ("human", "user") and human is None:
+            human = j
+        elif role in ("gpt", "assistant") and human is not None and gpt is None:
+            gpt = j
+        else:
+            notes.append(f"conversations[{j}] (from {role!r}) ignored")
+    if human is None:
+        _bad(f"no human turn (the question); the turns are from {[t['from'] for t in convs]}")
+    if used != len(images):
+        _bad(f"{used} <image> placeholders in the conversation but {len(images)} paths in \"image\"; "
+             "they are paired in order, so the counts must agree")
+    paths = [_find_image(folder, p, ("images",)) for p in images]
+    seg = lambda j: _split_placeholders(convs[j]["value"], paths[spans[j][0]:spans[j][1]])
+    question = seg(human)
+    answer = seg(gpt) if gpt is not None else []
+    if gpt is None:
+        notes.append("no gpt turn: no reference answer")
+    gt = "\n".join(x for k, x in answer if k == "text") or None
+    return question, answer, gt, "gt", notes
+
+
+def _mmie_record(item, folder):
+    if not isinstance(item, dict):
+        _bad(f"expected a JSON object, got {type(item).__name__}")
+    rid = item.get("id")
+    if not isinstance(rid, str) or not rid.strip():
+        _bad(f'missing id: a non-empty string "id" is needed (category and scores are keyed by it), got {rid!r:.40}')
+    category = mmie_category(rid)
+    if category is None:
+        _bad(f"unknown category: the id contains none of {', '.join(MMIE_CATEGORIES)}")
+    if "conversations" in item:
+        layout, (question, answer, gt, model, notes) = "conversation", _mmie_from_conversation_layout(item, folder)
+    elif "question" in item:
+        layout, (question, answer, gt, model, notes) = "scorer", _mmie_from_scorer_layout(item, folder)
+    else:
+        _bad(f"unknown record layout, keys {sorted(item)}: expected \"conversations\" (the release's turns) "
+             "or \"question\"/\"answer\"/\"gt_answer\" (the official scorer's input)")
+    if not question:
+        _bad("empty question")
+    if category == "MSR" and not gt:
+        _bad("MSR record without reference answer text (gpt turn, or gt_answer[0].text); "
+             "the MSR judge compares with it")
+    return dict(id=rid, category=category, question=question, answer=answer, gt=gt, model=model,
+                layout=layout), notes
+
+
+def load_mmie(data_path, strict=True):
+    """MMIE records from DIR/data.json (or the JSON file itself), every record checked.
+
+    Two record layouts are read, chosen per record by its keys:
+      conversation  {"id", "conversations": [{"from", "value"}], "image": [paths]}: the human turn is
+                    the question, the first gpt turn after it the reference answer; every "<image>"
+                    in the turns takes the next path of "image", in order ("images" / "user" /
+                    "assistant" are accepted as aliases; other turns are ignored and reported).
+      scorer        the official scorer's input {"id", "question": [{"text", "image"}], "answer",
+                    "model", "gt_answer"}; with "model": "gt" and a null gt text, the answer's text
+                    is the reference.
+    Image paths are relative to the JSON's folder (DIR/p, else DIR/images/p); absolute paths are kept.
+    Returns (records, skipped). A record is a dict: id, category ("SA"/"PBL"/"MSR" by substring of
+    the id), question and answer (segments, images as absolute paths), gt (reference text or None),
+    model, layout, index (position in the file). skipped lists, as "record i (id ..): what", every
+    part that was not read: ignored turns, a missing gt_answer / gpt turn and, with strict=False,
+    whole records that failed a check. With strict=True (default) the first bad record raises a
+    ValueError naming the file, record index, id and what is wrong (missing id, unknown category,
+    missing image file, no human turn, placeholder/image count mismatch, unknown layout, ...).
+    """
+    return _load_records(data_path, "data.json", "MMIE", _mmie_record, strict)
+
+
+def load_segment_images(segments, image_size=None):
+    """Segments with image paths -> the same with RGB PIL images (resized if image_size), for the model."""
+    out = []
+    for kind, x in segments:
+        if kind == "image" and isinstance(x, str):
+            with Image.open(x) as im:
+                x = im.convert("RGB")
+            if image_size is not None and x.size != (image_size, image_size):
+                x = x.resize((image_size, image_size), Image.BICUBIC)
+        out.append((kind, x))
+    return out
+
+
+def _safe_name(s):
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", s)
+
+
+def _put_image(x, out_dir, stem):
+    """Save a PIL image as PNG, or copy an image file (keeping its extension), to out_dir/images/stem.*;
+    returns the path relative to out_dir, as the scorers want."""
+    if isinstance(x, str):
+        rel = os.path.join("images", stem + (os.path.splitext(x)[1].lower() or ".png"))
+        shutil.copyfile(x, os.path.join(out_dir, rel))
+    elif isinstance(x, Image.Image):
+        rel = os.path.join("images", stem + ".png")
+        x.save(os.path.join(out_dir, rel), format="PNG")
+    else:
+        raise TypeError(f"an image segment must hold a PIL image or a path, got {type(x).__name__}")
+    return rel.replace(os.sep, "/")
+
+
+def _answer_segments(answer):
+    return [("text", answer)] if isinstance(answer, str) else list(answer)
+
+
+def _dump_json(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, path)  # a crash never leaves a half-written file where a scorer would read it
+
+
+def write_mmie_outputs(records, answers, model_name, out_dir):
+    """Write OUT/data.json exactly as the official MMIE scorer reads it, with every image under OUT/images.
+
+    answers[i] is the answer to records[i]: a list of ("text", str) / ("image", PIL image or path or
+    None) segments, or a plain string. Question images are copied and generated images saved as PNG
+    into OUT/images; paths in the JSON are relative to OUT ("images/0_SA-1_a0.png"). A None image (a
+    grid cut short by a limit) has nothing to show the judge and is left out. gt_answer is
+    [{"text": reference, "image": null}] for MSR (the only category whose judge reads it) and
+    [{"text": null, "image": null}] otherwise. Returns the path of data.json.
+    """
+    if len(records) != len(answers):
+        raise ValueError(f"{len(records)} records but {len(answers)} answers")
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    rows = []
+    for i, (rec, ans) in enumerate(zip(records, answers)):
+        stem = f"{i}_{_safe_name(rec['id'])}"  # the index keeps names unique whatever the ids hold
+        category = rec.get("category") or mmie_category(rec["id"])
+        if category == "MSR" and not rec.get("gt"):
+            raise ValueError(f"record {i} (id {rec['id']!r}): MSR needs the reference answer text (gt)")
+        row = {"id": rec["id"], "question": [], "answer": [], "model": model_name,
+               "gt_answer": [{"text": rec["gt"] if category == "MSR" else None, "image": None}]}
+        for part, segs, tag in (("question", rec["question"], "q"), ("answer", _answer_segments(ans), "a")):
+            k = 0
+            for kind, x in segs:
+                if kind == "text":
+                    row[part].append({"text": x, "image": None})
+                elif kind == "image" and x is not None:
+                    row[part].append({"text": None, "image": _put_image(x, out_dir, f"{stem}_{tag}{k}")})
+                    k += 1
+                elif kind != "image":
+                    raise ValueError(f"record {i} (id {rec['id']!r}): unknown segment kind {kind!r} in the {part}")
+        rows.append(row)
+    path = os.path.join(out_dir, "data.json")
+    _dump_json(rows, path)
+    return path
+
+
+def _scorer_pairs(segments):
+    """Either segment form -> the official reader's (text, image) pairs."""
+    if isinstance(segments, str):
+        return [(segments, None)]
+    pairs = []
+    for seg in segments:
+        if isinstance(seg, dict):
+            pairs.append((seg.get("text"), seg.get("image")))
+        else:
+            kind, x = seg
+            pairs.append((x, None) if kind == "text" else (None, x))
+    return pairs
+
+
+def mmie_scorer_view(record, input_dir=None):
+    """(question_text, answer_text, images): what the official MMIE scorer builds from one record.
+
+    Mirrors its reader (dataset.py of github.com/Lillianwei-h/MMIE): per segment the text, then a
+    newline; per image that exists a line "Image-k: <image>" (k counts from 0 over question and
+    answer). In the answer the check "3 images read?" comes after a segment's text and after its
+    image, and stops reading the answer entirely; so if the question alone has 3+ images, the first
+    answer segment's text is still read and nothing after it. record is a scorer-input dict (as in
+    the written data.json) or a loaded record (tuple segments). With input_dir, an image counts only
+    if input_dir/path exists (the official reader prints "not found" and skips it), and images are
+    returned joined to input_dir; without it every non-null image counts.
+    """
+    exists = (lambda p: True) if input_dir is None else (lambda p: os.path.exists(os.path.join(input_dir, p)))
+    where = (lambda p: p) if input_dir is None else (lambda p: os.path.join(input_dir, p))
+    images, texts = [], ["", ""]
+    for part, segs in enumerate((record["question"], record.get("answer") or [])):
+        for text, image in _scorer_pairs(segs):
+            if text is not None:
+                texts[part] += text + "\n"
+            if part == 1 and len(images) >= MMIE_IMAGE_CUTOFF:
+                break
+            if image is not None and exists(image):
+                texts[part] += f"Image-{len(images)}: <image>\n"
+                images.append(where(image))
+            if part == 1 and len(images) >= MMIE_IMAGE_CUTOFF:
+                break
+    return texts[0], texts[1], images
+
+
+def mmie_dropped(record, input_dir=None):
+    """True if the official scorer drops this sample: more than 4 images among those it READ (the
+    question's, plus the answer's up to the cut-off). The cut-off means answer images never push a
+    sample over 4: in practice a sample is dropped when its question alone has 5+ images."""
+    return len(mmie_scorer_view(record, input_dir)[2]) > MMIE_MAX_IMAGES
+
+
+def parse_mmie_score(text):
+    """The official parse of an MMIE-Score reply: the first number after '### Score', rounded (Python's
+    round, so 2.5 -> 2), kept only if 0 <= s <= 6; else None (unparsable)."""
+    if not isinstance(text, str):
+        return None
+    m = re.search(r"### Score.*?(-?\d+(\.\d+)?)", text, re.DOTALL)
+    if m is None:
+        return None
+    s = round(float(m.group(1)))
+    return s if 0 <= s <= 6 else None
+
+
+def aggregate_mmie(scores_by_id, categories_by_id, label="proxy"):
+    """MMIE aggregation: per-category mean of the valid scores, and AVG = mean over ALL valid samples
+    (weighted by category size, not the mean of the three means); percent = mean / 6 * 100.
+
+    scores_by_id: id -> a judge reply (str, parsed by parse_mmie_score), a number on 0..6 (used as
+    it is, so a continuous proxy keeps its resolution), or None. Unparsable, None, NaN and
+    out-of-range values are invalid: excluded, counted and listed. label says what the scores are:
+    "proxy" unless they come from the official judge (then pass label="MMIE-Score").
+    """
+    groups, invalid = {c: [] for c in MMIE_CATEGORIES}, []
+    for rid, s in scores_by_id.items():
+        cat = categories_by_id.get(rid)
+        if cat not in groups:
+            raise ValueError(f"id {rid!r}: category {cat!r} is not one of {MMIE_CATEGORIES}")
+        if isinstance(s, str):
+            s = parse_mmie_score(s)
+        if s is None or isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s <= 6:  # NaN fails too
+            invalid.append(rid)
+        else:
+            groups[cat].append(float(s))
+
+    def summary(v):
+        mean = sum(v) / len(v) if v else None
+        return {"n": len(v), "mean": mean, "percent": None if mean is None else mean / 6 * 100}
+    out = {"label": label, **{c: summary(v) for c, v in groups.items()},
+           "AVG": summary([s for v in groups.values() for s in v])}
+    out.update(n_valid=out["AVG"]["n"], n_invalid=len(invalid), invalid_ids=invalid)
+    return out
+
+# --- InterleavedBench
+
+
+def ib_text_aspects_scored(task_name):
+    """False on sequential image editing and multi-concept composition, whose text aspects the judge
+    does not score. Their exact task_name strings are not published (the known ones are
+    wikihow_next_step, report/education/marketing/storytelling_generation), so a task counts as
+    one of them when its name contains "edit" or "composition" (case-insensitive)."""
+    t = task_name.lower()
+    return not ("edit" in t or "composition" in t)
+
+
+def _ib_record(item, folder):
+    if not isinstance(item, dict):
+        _bad(f"expected a JSON object, got {type(item).__name__}")
+    rid = item.get("id")
+    if not isinstance(rid, str) or not rid.strip():
+        _bad(f'missing id: a non-empty string "id" is needed, got {rid!r:.40}')
+    task = item.get("task_name")
+    if not isinstance(task, str) or not task.strip():
+        _bad(f'missing task_name: a non-empty string is needed, got {task!r:.40}')
+    images = item.get("image", [])  # context-free records may have no images
+    images = [] if images is None else images
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        _bad(f'"image" must be a list of relative paths, got {images!r:.80}')
+    convs = item.get("conversations")
+    if not isinstance(convs, list):
+        _bad(f'"conversations" must be a list of {{"from", "value"}} turns, got {type(convs).__name__}')
+    human = gpt = None
+    notes = []
+    for j, turn in enumerate(convs):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or "from" not in turn:
+            _bad(f'conversations[{j}] must be an object with "from" and a string "value", got {turn!r:.80}')
+        if turn["from"] == "human" and human is None:
+            human = turn["value"]
+        elif turn["from"] == "gpt" and gpt is None:
+            gpt = turn["value"]
+        else:
+            notes.append(f"conversations[{j}] (from {turn['from']!r}) ignored")
+    if human is None:
+        _bad(f"no human turn (the instruction); the turns are from {[t['from'] for t in convs]}")
+    instruction = human.replace("<BEGIN>", "")
+    n = instruction.count("<image>")
+    if n != len(images):
+        _bad(f"{n} <image> placeholders in the human turn but {len(images)} paths in \"image\"; "
+             "they are paired in order, so the counts must agree")
+    paths = [_find_image(folder, p, ("images", "zipped_images")) for p in images]
+    prompt = _split_placeholders(instruction, paths)
+    if not prompt:
+        _bad("empty instruction")
+    return dict(id=rid, task_name=task, prompt=prompt, reference=gpt, goal=item.get("goal"),
+                category=item.get("category"), dataset_id=item.get("dataset_id")), notes
+
+
+def load_interleavedbench(data_path, strict=True):
+    """InterleavedBench records from DIR/interleaved_bench.json (or the JSON file itself).
+
+    A record: {"id", "image": [relative paths], "task_name", "conversations": [{"from", "value"}],
+    optional "goal", "category", "dataset_id"}. The human turn is the instruction; a "<BEGIN>" marker
+    is removed, and each "<image>" takes the next path of "image", in order, so the prompt is the
+    instruction's text and images interleaved as written (blank text parts dropped). Context-free
+    records have no placeholders and no images. Paths are tried under DIR, DIR/images and
+    DIR/zipped_images. Returns (records, skipped) as load_mmie does; a record is a dict: id,
+    task_name, prompt (segments, images as absolute paths), reference (the gpt turn's text or None;
+    the judge is reference-free), goal, category, dataset_id, index.
+    """
+    return _load_records(data_path, "interleaved_bench.json", "InterleavedBench", _ib_record, strict)
+
+
+def write_interleavedbench_outputs(records, answers, out_dir):
+    """Write OUT/predictions.json and OUT/images/<id>_<k>.png (k counts an answer's images from 0).
+
+    OUR layout: the official judge script's exact input is not known, so this is a plain, complete
+    record of the outputs to convert from: a JSON list of {"id", "task_name", "output": [{"text": str,
+    "image": null} or {"text": null, "image": "images/<id>_<k>.png"}, ...]}, segments in generated
+    order, paths relative to OUT. answers[i] as for write_mmie_outputs; None images are left out.
+    Returns the path of predictions.json.
+    """
+    if len(records) != len(answers):
+        raise ValueError(f"{len(records)} records but {len(answers)} answers")
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    rows, stems = [], set()
+    for i, (rec, ans) in enumerate(zip(records, answers)):
+        stem = _safe_name(rec["id"])
+        if stem in stems:
+            raise ValueError(f"record {i} (id {rec['id']!r}): its image names collide with another record's")
+        stems.add(stem)
+        out, k = [], 0
+        for kind, x in _answer_segments(ans):
+            if kind == "text":
+                out.append({"text": x, "image": None})
+            elif kind == "image" and x is not None:
+                out.append({"text": None, "image": _put_image(x, out_dir, f"{stem}_{k}")})
+                k += 1
+            elif kind != "image":
+                raise ValueError(f"record {i} (id {rec['id']!r}): unknown segment kind {kind!r}")
+        rows.append({"id": rec["id"], "task_name": rec["task_name"], "output": out})
+    path = os.path.join(out_dir, "predictions.json")
+    _dump_json(rows, path)
+    return path
+
+
+def load_interleavedbench_outputs(out_dir):
+    """Read back OUT/predictions.json: list of {"id", "task_name", "output": segments with absolute paths}."""
+    file, folder, rows = _read_json_list(out_dir, "predictions.json", "InterleavedBench outputs")
+    return [{"id": r["id"], "task_name": r["task_name"],
+             "output": [("text", s["text"]) if s.get("image") is None else ("image", os.path.join(folder, s["image"]))
+                        for s in r["output"]]} for r in rows]
+
+
+def aggregate_interleavedbench(aspect_scores_by_id, task_by_id, label="proxy"):
+    """InterleavedBench aggregation over per-sample aspect scores on 0..5.
+
+    Per sample, AVG = plain mean of the five aspects, except on editing / composition tasks
+    (ib_text_aspects_scored) where the two text aspects are left out (ignored even if given) and
+    AVG is the mean of the other three. Overall: per aspect, the mean over the samples that score
+    it; AVG = mean of the per-sample AVGs (the published text does not say whether its AVG column
+    averages samples or aspect columns; with the editing exception the two differ). A sample whose
+    scored aspects are missing or None is invalid: excluded, counted. Out of range raises.
+    """
+    per_aspect, avgs, invalid = {a: [] for a in IB_ASPECTS}, [], []
+    for rid, scores in aspect_scores_by_id.items():
+        if rid not in task_by_id:
+            raise ValueError(f"id {rid!r}: no task_name given")
+        aspects = IB_ASPECTS if ib_text_aspects_scored(task_by_id[rid]) else \
+            tuple(a for a in IB_ASPECTS if a not in IB_TEXT_ASPECTS)
+        vals = [scores.get(a) for a in aspects]
+        if any(v is None for v in vals):
+            invalid.append(rid)
+            continue
+        for a, v in zip(aspects, vals):
+            if not 0 <= v <= 5:
+                raise ValueError(f"id {rid!r}: {a} = {v} is outside 0..5")
+            per_aspect[a].append(float(v))
+        avgs.append(sum(vals) / len(vals))
+    mean = lambda v: sum(v) / len(v) if v else None
+    return {"label": label, **{a: mean(v) for a, v in per_aspect.items()}, "AVG": mean(avgs),
+            "n_valid": len(avgs), "n_invalid": len(invalid), "invalid_ids": invalid}
+
+
+def _image_coherence(images, scorer):
+    """Mean pairwise similarity of the images on [0, 1]: cosine of CLIP image embeddings (clamped at 0)
+    if the scorer has a CLIP (.model.encode_image, .preprocess); else 1 - mean absolute pixel
+    difference at 32x32 (a crude fallback). One image: 1 (nothing to be incoherent with); none: 0."""
+    if len(images) < 2:
+        return float(len(images))
+    enc = getattr(getattr(scorer, "model", None), "encode_image", None)
+    if enc is not None and hasattr(scorer, "preprocess"):
+        with torch.no_grad():
+            dev = next(scorer.model.parameters()).device
+            e = enc(torch.stack([scorer.preprocess(im) for im in images]).to(dev), normalize=True).float().cpu()
+        sim = e @ e.T
+    else:
+        x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((32, 32)), np.float32)).flatten() / 255
+                         for im in images])
+        sim = 1 - (x[:, None] - x[None]).abs().mean(-1)
+    iu = torch.triu_indices(len(images), len(images), 1)
+    return float(sim[iu[0], iu[1]].clamp(0, 1).mean())
+
+
+def proxy_aspects(segments, prompt_text, scorer, text_ok=None, image_ok=None):
+    """A PROXY for InterleavedBench's five aspects on 0..5, from our own signals (not the GPT-4o judge;
+    report it only under the label "proxy"). Blank text segments are dropped first.
+      text_quality          5 x the fraction of text segments text_ok accepts (default: has words;
+                            for the toy world pass lambda t: data.parse(t) is not None). No text: 0.
+      perceptual_quality    5 x the fraction of image segments that are complete (not None) and pass
+                            image_ok if given. We have no aesthetics model: this only sees failures.
+      image_coherence       5 x mean pairwise image similarity (_image_coherence). Uncalibrated.
+      text_image_coherence  5 x mean over image segments of scorer.score(image, the text right before
+                            it, or prompt_text when there is none); a None image, or no text at all, counts 0.
+      helpfulness           5 x structure only: the fraction of neighbouring segments that switch
+                            modality, 0 unless there is both text and an image. Says nothing about
+                            whether the content answers the prompt.
+    scorer: a visual scorer with .score(images, texts) -> [B] in [0, 1] (rewards.ClipScorer, ...).
+    """
+    text_ok = text_ok or rewards.has_words
+    content = [(k, x) for k, x in segments if not (k == "text" and not rewards.has_words(x))]
+    texts = [x for k, x in content if k == "text"]
+    images = [x for k, x in content if k == "image"]
+    complete = [x for x in images if x is not None]
+    pairs = []
+    for j, (k, x) in enumerate(content):
+        if k == "image" and x is not None:
+            before = content[j - 1][1] if j > 0 and content[j - 1][0] == "text" else prompt_text
+            if rewards.has_words(before):
+                pairs.append((x, before))
+    tic = [float(s) for s in scorer.score([p[0] for p in pairs], [p[1] for p in pairs])] if pairs else []
+    switches = sum(a[0] != b[0] for a, b in zip(content, content[1:]))
+    structure = switches / (len(content) - 1) if texts and images else 0.0
+    return {"text_quality": 5 * sum(bool(text_ok(t)) for t in texts) / len(texts) if texts else 0.0,
+            "perceptual_quality": 5 * sum(image_ok is None or bool(image_ok(x)) for x in complete) / len(images)
+            if images else 0.0,
+            "image_coherence": 5 * _image_coherence(complete, scorer),
+            "text_image_coherence": 5 * sum(tic) / len(images) if images else 0.0,
+            "helpfulness": 5 * structure}
+
+
+def proxy_mmie_score(aspects):
+    """A PROXY MMIE score on 0..6 (continuous): the mean of the five proxy aspects rescaled from 0..5.
+    MMIE-Score's rubrics differ per category; this does not model them. Label it "proxy"."""
+    return 6 * sum(aspects[a] for a in IB_ASPECTS) / (5 * len(IB_ASPECTS))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()

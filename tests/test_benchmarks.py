@@ -1,0 +1,356 @@
+"""Benchmark I/O: MMIE and InterleavedBench loaders, writers, the official MMIE reading rules,
+aggregation, and the proxy aspects. All offline, on the fixtures of tests/make_fixtures.py."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+import eval as E
+import make_fixtures
+
+FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+MMIE_DIR, IB_DIR = os.path.join(FIX, "mmie"), os.path.join(FIX, "interleavedbench")
+
+
+def pixels(x):
+    with Image.open(x) if isinstance(x, str) else x.copy() as im:
+        return im.convert("RGB").tobytes()
+
+
+def solid(rgb):
+    return Image.new("RGB", (16, 16), rgb)
+
+
+def broken_copy(tmp_path, src_dir, name, edit):
+    """The fixture folder copied into tmp_path with edit(records) applied to its JSON."""
+    dst = tmp_path / os.path.basename(src_dir)
+    shutil.copytree(src_dir, dst)
+    with open(dst / name) as f:
+        records = json.load(f)
+    edit(records)
+    with open(dst / name, "w") as f:
+        json.dump(records, f)
+    return str(dst)
+
+
+def test_fixtures_are_fresh(tmp_path):
+    """The committed fixtures are exactly what make_fixtures.py writes (it is deterministic)."""
+    root = make_fixtures.main(str(tmp_path / "fx"))
+    for sub in ("mmie", "interleavedbench"):
+        made = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(os.path.join(root, sub)) for f in fs)
+        have = sorted(os.path.relpath(os.path.join(d, f), FIX) for d, _, fs in os.walk(os.path.join(FIX, sub)) for f in fs)
+        assert made == have
+        for rel in made:
+            with open(os.path.join(root, rel), "rb") as a, open(os.path.join(FIX, rel), "rb") as b:
+                assert a.read() == b.read(), rel
+
+# --- MMIE loading
+
+
+def test_load_mmie_conversation_layout():
+    recs, skipped = E.load_mmie(MMIE_DIR)
+    assert [r["id"] for r in recs] == ["SA-1001", "SA-1002", "PBL-2001", "PBL-2002", "MSR-3001", "MSR-3002"]
+    assert [r["category"] for r in recs] == ["SA", "SA", "PBL", "PBL", "MSR", "MSR"]
+    sa = recs[0]
+    assert [k for k, _ in sa["question"]] == ["text", "image", "text", "image", "text"]
+    assert sa["question"][0] == ("text", "A fox wakes up.")
+    # images are paired with placeholders in order across turns: the gpt turn takes the third
+    assert sa["question"][1][1] == os.path.join(MMIE_DIR, "images", "SA-1001_0.png")
+    assert sa["question"][3][1] == os.path.join(MMIE_DIR, "images", "SA-1001_1.png")
+    assert sa["answer"] == [("text", "The fox swims across."), ("image", os.path.join(MMIE_DIR, "images", "SA-1001_2.png")),
+                            ("text", "It reaches home.")]
+    assert sa["gt"] == "The fox swims across.\nIt reaches home." and sa["model"] == "gt"
+    for r in recs:
+        for kind, x in r["question"] + r["answer"]:
+            if kind == "image":
+                assert os.path.isabs(x) and os.path.isfile(x)
+    assert sum(k == "image" for k, _ in recs[1]["question"]) == 5
+    assert [k for k, _ in recs[2]["answer"]] == ["text", "image", "text", "image", "text"]  # "images" alias
+    assert recs[4]["gt"] == "3 * 3 = 9. The answer is 9."
+    # the system turn of PBL-2002 is reported, not silently dropped
+    assert len(skipped) == 1 and "PBL-2002" in skipped[0] and "system" in skipped[0]
+    # the file itself can be given too
+    assert [r["id"] for r in E.load_mmie(os.path.join(MMIE_DIR, "data.json"))[0]] == [r["id"] for r in recs]
+
+
+def test_load_mmie_scorer_layout():
+    recs, skipped = E.load_mmie(os.path.join(MMIE_DIR, "scorer_layout.json"))
+    assert [r["layout"] for r in recs] == ["scorer"] * 3
+    sa, pbl, msr = recs
+    # a segment with both text and image is read text first, as the official reader does
+    assert sa["answer"] == [("text", "The fox swims across."), ("image", os.path.join(MMIE_DIR, "images", "SA-1001_2.png"))]
+    assert sa["gt"] == "The fox swims across."  # model "gt" with a null gt text: the answer is the reference
+    assert pbl["answer"] == [("text", "Fold the paper in half.")]  # a plain-string answer
+    assert msr["gt"] == "9" and msr["question"][0] == ("image", os.path.join(MMIE_DIR, "images", "MSR-3001_0.png"))
+    assert skipped == []
+
+
+def _drop(key):
+    return lambda rs: rs[2].pop(key)
+
+
+MMIE_BROKEN = [
+    ("missing id", _drop("id"), "missing id", "record 2 (no id)"),
+    ("unknown category", lambda rs: rs[2].update(id="XYZ-9"), "unknown category", "XYZ-9"),
+    ("missing image", lambda rs: rs[2]["images"].__setitem__(1, "images/nope.png"), "missing image file", "PBL-2001"),
+    ("no human turn", lambda rs: rs[2].update(conversations=[rs[2]["conversations"][1]]), "no human turn", "PBL-2001"),
+    ("count mismatch", lambda rs: rs[2]["images"].pop(), "placeholders", "PBL-2001"),
+    ("unknown layout", lambda rs: rs[2].pop("conversations"), "unknown record layout", "PBL-2001"),
+    ("duplicate id", lambda rs: rs[2].update(id="SA-1001"), "duplicate id", "SA-1001"),
+    ("MSR without reference", lambda rs: rs[4]["conversations"].pop(), "MSR record without reference", "MSR-3001"),
+]
+
+
+@pytest.mark.parametrize("case, edit, what, who", MMIE_BROKEN, ids=[c[0] for c in MMIE_BROKEN])
+def test_load_mmie_malformed(tmp_path, case, edit, what, who):
+    d = broken_copy(tmp_path, MMIE_DIR, "data.json", edit)
+    with pytest.raises(ValueError) as err:
+        E.load_mmie(d)
+    msg = str(err.value)
+    assert what in msg and who in msg and "record " in msg, msg
+    # non-strict: the bad record is skipped and reported, the others load
+    recs, skipped = E.load_mmie(d, strict=False)
+    assert len(recs) == 5 and any("record skipped" in s and what in s for s in skipped)
+
+
+def test_load_mmie_bad_scorer_layout_and_top_level(tmp_path):
+    bad = json.load(open(os.path.join(MMIE_DIR, "scorer_layout.json")))
+    bad[1]["gt_answer"] = []
+    (tmp_path / "a.json").write_text(json.dumps(bad))
+    (tmp_path / "images").symlink_to(os.path.join(MMIE_DIR, "images"))
+    with pytest.raises(ValueError, match=r"record 1 \(id 'PBL-2002'\).*gt_answer"):
+        E.load_mmie(str(tmp_path / "a.json"))
+    (tmp_path / "b.json").write_text(json.dumps({"SA-1": {}}))
+    with pytest.raises(ValueError, match="expected a JSON list"):
+        E.load_mmie(str(tmp_path / "b.json"))
+    with pytest.raises(FileNotFoundError):
+        E.load_mmie(str(tmp_path / "nowhere"))
+
+# --- MMIE writing and the official reader's view
+
+
+def test_write_mmie_outputs_official_layout_and_round_trip(tmp_path):
+    recs, _ = E.load_mmie(MMIE_DIR)
+    answers = [[("text", f"answer {i}"), ("image", solid((10 * i, 100, 200))), ("text", "end"), ("image", None)]
+               for i in range(len(recs))]
+    answers[3] = "just text"  # a plain string is one text segment
+    out = str(tmp_path / "out")
+    path = E.write_mmie_outputs(recs, answers, "unigrpo-test", out)
+    assert path == os.path.join(out, "data.json")
+    rows = json.load(open(path))
+    assert len(rows) == len(recs)
+    for row, rec in zip(rows, recs):
+        assert list(row) == ["id", "question", "answer", "model", "gt_answer"]
+        assert row["id"] == rec["id"] and row["model"] == "unigrpo-test"
+        assert row["gt_answer"] == [{"text": rec["gt"] if rec["category"] == "MSR" else None, "image": None}]
+        for seg in row["question"] + row["answer"]:
+            assert set(seg) == {"text", "image"} and (seg["text"] is None) != (seg["image"] is None)
+            if seg["image"] is not None:
+                assert not os.path.isabs(seg["image"]) and seg["image"].startswith("images/")
+                assert os.path.isfile(os.path.join(out, seg["image"]))
+    assert rows[4]["gt_answer"][0]["text"] == "3 * 3 = 9. The answer is 9."
+    assert rows[0]["answer"][1] == {"text": None, "image": "images/0_SA-1001_a0.png"}
+    assert len(rows[0]["answer"]) == 3  # the None image is left out
+
+    back, _ = E.load_mmie(out)  # the scorer-input branch reads our output back
+    assert [r["layout"] for r in back] == ["scorer"] * len(recs)
+    for rec, b, ans in zip(recs, back, answers):
+        assert (b["id"], b["category"], b["model"]) == (rec["id"], rec["category"], "unigrpo-test")
+        assert [k for k, _ in b["question"]] == [k for k, _ in rec["question"]]
+        for (k, x), (_, y) in zip(rec["question"], b["question"]):
+            assert (x == y) if k == "text" else (pixels(x) == pixels(y) and y.startswith(out))
+        want = [s for s in E._answer_segments(ans) if s[1] is not None]
+        assert [k for k, _ in b["answer"]] == [k for k, _ in want]
+        for (k, x), (_, y) in zip(want, b["answer"]):
+            assert (x == y) if k == "text" else pixels(x) == pixels(y)
+        assert b["gt"] == (rec["gt"] if rec["category"] == "MSR" else None)
+
+
+def test_mmie_scorer_view_cutoff_and_drop():
+    rec = {"question": [{"text": "Q", "image": None}, {"text": None, "image": "q0.png"}, {"text": None, "image": "q1.png"}],
+           "answer": [{"text": "a1", "image": None}, {"text": None, "image": "a0.png"}, {"text": "a2", "image": None},
+                      {"text": None, "image": "a1.png"}]}
+    q, a, imgs = E.mmie_scorer_view(rec)
+    assert q == "Q\nImage-0: <image>\nImage-1: <image>\n"
+    assert a == "a1\nImage-2: <image>\n"  # stops once 3 images were read: "a2" and a1.png never reach the judge
+    assert imgs == ["q0.png", "q1.png", "a0.png"]
+    assert not E.mmie_dropped(rec)  # 5 images in the record, but only 3 were read
+    # question with 3 images: the first answer segment's text is still read, then the answer stops
+    rec3 = {"question": [{"text": None, "image": f"q{k}.png"} for k in range(3)],
+            "answer": [{"text": "t1", "image": "x.png"}, {"text": "t2", "image": None}]}
+    assert E.mmie_scorer_view(rec3)[1] == "t1\n" and len(E.mmie_scorer_view(rec3)[2]) == 3
+    # more than 4 images read (here: in the question) -> dropped; exactly 4 -> kept
+    rec5 = {"question": [{"text": None, "image": f"q{k}.png"} for k in range(5)], "answer": "fine"}
+    rec4 = {"question": [{"text": None, "image": f"q{k}.png"} for k in range(4)], "answer": "fine"}
+    assert E.mmie_dropped(rec5) and not E.mmie_dropped(rec4)
+    assert E.mmie_scorer_view(rec4)[1] == "fine\n"
+
+
+def test_mmie_scorer_view_on_written_fixture(tmp_path):
+    recs, _ = E.load_mmie(MMIE_DIR)
+    out = str(tmp_path / "out")
+    E.write_mmie_outputs(recs, [[("text", "x"), ("image", solid((1, 2, 3)))]] * len(recs), "m", out)
+    rows = json.load(open(os.path.join(out, "data.json")))
+    assert [E.mmie_dropped(r, out) for r in rows] == [False, True, False, False, False, False]  # SA-1002: 5 images
+    q, a, imgs = E.mmie_scorer_view(rows[0], out)
+    assert q == "A fox wakes up.\nImage-0: <image>\nIt sees a river.\nImage-1: <image>\nContinue the story with text and images.\n"
+    assert a == "x\nImage-2: <image>\n" and all(os.path.isfile(p) for p in imgs)
+    # a missing file is not counted (the official reader prints "not found" and goes on)
+    os.remove(os.path.join(out, rows[0]["answer"][1]["image"]))
+    assert E.mmie_scorer_view(rows[0], out)[1] == "x\n"
+    # loaded records (tuple segments) give the same view as the written JSON
+    assert E.mmie_scorer_view(recs[0])[0].count("<image>") == 2
+
+
+@pytest.mark.parametrize("text, score", [
+    ("### Feedback\nGood.\n### Score\n5", 5),
+    ("### Score: 4.6", 5),
+    ("### Score\n2.5", 2),                     # Python's round, as the official parser
+    ("Score 1\n### Feedback\nok\n### Score\n**4**/6", 4),  # the first number after '### Score'
+    ("### Score\n7", None),                    # out of 0..6
+    ("### Score\n-1", None),
+    ("### Feedback\nno score given, 5 stars", None),
+    ("", None),
+    (None, None),
+])
+def test_parse_mmie_score(text, score):
+    assert E.parse_mmie_score(text) == score
+
+
+def test_aggregate_mmie_weights_by_category_size():
+    scores = {"SA-1": 6, "SA-2": 6, "SA-3": 6, "SA-4": 6, "PBL-1": "### Score\n0", "MSR-1": 3.0, "MSR-2": None,
+              "MSR-3": "### Score\nnine", "MSR-4": 7}
+    cats = {k: k.split("-")[0] for k in scores}
+    agg = E.aggregate_mmie(scores, cats)
+    assert agg["label"] == "proxy"
+    assert agg["SA"] == {"n": 4, "mean": 6.0, "percent": 100.0}
+    assert agg["PBL"]["mean"] == 0.0 and agg["MSR"]["mean"] == 3.0 and agg["MSR"]["n"] == 1
+    assert agg["AVG"]["mean"] == pytest.approx(27 / 6) and agg["AVG"]["percent"] == pytest.approx(75.0)
+    assert agg["AVG"]["mean"] != pytest.approx((6 + 0 + 3) / 3)  # not the mean of the three means
+    assert agg["n_valid"] == 6 and agg["n_invalid"] == 3 and sorted(agg["invalid_ids"]) == ["MSR-2", "MSR-3", "MSR-4"]
+    assert E.aggregate_mmie({"SA-1": 4}, {"SA-1": "SA"}, label="MMIE-Score")["PBL"] == {"n": 0, "mean": None, "percent": None}
+    with pytest.raises(ValueError, match="category"):
+        E.aggregate_mmie({"X-1": 3}, {"X-1": "X"})
+
+# --- InterleavedBench
+
+
+def test_load_interleavedbench():
+    recs, skipped = E.load_interleavedbench(IB_DIR)
+    assert len(recs) == 5 and skipped == []
+    nxt, story, report, edit, comp = recs
+    img = lambda name: os.path.join(IB_DIR, "images", name)
+    assert nxt["prompt"] == [("text", "Goal: make tea. Step 1: boil water."), ("image", img("wikihow_0.png")),
+                             ("text", "Step 2: add the tea bag."), ("image", img("wikihow_1.png")),
+                             ("text", "Write the next step with text and an image.")]  # <BEGIN> removed
+    assert (nxt["goal"], nxt["category"], nxt["dataset_id"]) == ("Make tea", ["Food and Entertaining"], "wikihow")
+    assert [k for k, _ in story["prompt"]] == ["image"] * 3 + ["text"]
+    assert report["prompt"] == [("text", "Write a short report on the water cycle with text and images.")]  # context-free
+    assert comp["prompt"] == [("text", "Put the dog"), ("image", img("dog.png")), ("text", "on the sofa"),
+                              ("image", img("sofa.png")), ("text", ".")]
+    assert all(os.path.isfile(x) for r in recs for k, x in r["prompt"] if k == "image")
+    assert [E.ib_text_aspects_scored(r["task_name"]) for r in recs] == [True, True, True, False, False]
+    segs = E.load_segment_images(nxt["prompt"], image_size=8)
+    assert segs[1][1].size == (8, 8) and segs[0] == nxt["prompt"][0]
+
+
+IB_BROKEN = [
+    ("count mismatch", lambda rs: rs[1]["image"].pop(), "placeholders", "storytelling_generation_0_12"),
+    ("missing image", lambda rs: rs[1]["image"].__setitem__(0, "images/gone.png"), "missing image file", "storytelling_generation_0_12"),
+    ("no human turn", lambda rs: rs[1]["conversations"].pop(0), "no human turn", "storytelling_generation_0_12"),
+    ("missing id", lambda rs: rs[1].pop("id"), "missing id", "record 1 (no id)"),
+    ("missing task", lambda rs: rs[1].pop("task_name"), "missing task_name", "storytelling_generation_0_12"),
+]
+
+
+@pytest.mark.parametrize("case, edit, what, who", IB_BROKEN, ids=[c[0] for c in IB_BROKEN])
+def test_load_interleavedbench_malformed(tmp_path, case, edit, what, who):
+    d = broken_copy(tmp_path, IB_DIR, "interleaved_bench.json", edit)
+    with pytest.raises(ValueError) as err:
+        E.load_interleavedbench(d)
+    assert what in str(err.value) and who in str(err.value), str(err.value)
+
+
+def test_write_interleavedbench_outputs_round_trip(tmp_path):
+    recs, _ = E.load_interleavedbench(IB_DIR)
+    answers = [[("text", f"step {i}"), ("image", solid((i, 2 * i, 3 * i))), ("image", solid((50, 60, 70 + i))),
+                ("image", None)] for i in range(len(recs))]
+    out = str(tmp_path / "ib")
+    path = E.write_interleavedbench_outputs(recs, answers, out)
+    rows = json.load(open(path))
+    assert [list(r) for r in rows] == [["id", "task_name", "output"]] * len(recs)
+    assert rows[0]["output"] == [{"text": "step 0", "image": None},
+                                 {"text": None, "image": "images/wikihow_next_step_0_489157_0.png"},
+                                 {"text": None, "image": "images/wikihow_next_step_0_489157_1.png"}]
+    back = E.load_interleavedbench_outputs(out)
+    for rec, b, ans in zip(recs, back, answers):
+        assert (b["id"], b["task_name"]) == (rec["id"], rec["task_name"])
+        want = [s for s in ans if s[1] is not None]
+        assert [k for k, _ in b["output"]] == [k for k, _ in want]
+        for (k, x), (_, y) in zip(want, b["output"]):
+            assert (x == y) if k == "text" else pixels(x) == pixels(y)
+
+
+def test_aggregate_interleavedbench_editing_exception():
+    five = lambda *v: dict(zip(E.IB_ASPECTS, v))
+    scores = {"a": five(5, 4, 3, 2, 1),        # AVG 3
+              "b": five(1, 1, 1, 1, 1),        # AVG 1
+              "e": five(0, 4, 4, 0, 4),        # editing: text aspects (the zeros) left out -> AVG 4, not 2.4
+              "c": five(None, 2, 2, None, 2),  # composition: text aspects need not be given
+              "x": five(3, 3, None, 3, 3)}     # a missing scored aspect: invalid
+    tasks = {"a": "wikihow_next_step", "b": "report_generation", "e": "sequential_image_editing",
+             "c": "multi_concept_composition", "x": "marketing_generation"}
+    agg = E.aggregate_interleavedbench(scores, tasks)
+    assert agg["label"] == "proxy" and agg["n_valid"] == 4 and agg["n_invalid"] == 1 and agg["invalid_ids"] == ["x"]
+    assert agg["AVG"] == pytest.approx((3 + 1 + 4 + 2) / 4)
+    assert agg["text_quality"] == pytest.approx(3.0)  # only a and b score it
+    assert agg["text_image_coherence"] == pytest.approx(1.5)
+    assert agg["perceptual_quality"] == pytest.approx((4 + 1 + 4 + 2) / 4)
+    with pytest.raises(ValueError, match="outside 0..5"):
+        E.aggregate_interleavedbench({"a": five(6, 1, 1, 1, 1)}, {"a": "report_generation"})
+
+
+class WordScorer:
+    """A stand-in visual scorer without a CLIP: 1 when the text says 'red', else 0."""
+
+    def score(self, images, texts):
+        return torch.tensor([1.0 if "red" in t else 0.0 for t in texts])
+
+
+def test_proxy_aspects_rules():
+    red, blue = solid((220, 40, 40)), solid((40, 70, 220))
+    good = [("text", "a red one ."), ("image", red), ("text", "another red ."), ("image", red)]
+    asp = E.proxy_aspects(good, "draw", WordScorer())
+    assert set(asp) == set(E.IB_ASPECTS) and all(0 <= v <= 5 for v in asp.values())
+    assert asp == {"text_quality": 5.0, "perceptual_quality": 5.0, "image_coherence": 5.0,
+                   "text_image_coherence": 5.0, "helpfulness": 5.0}
+    # wrong words, a truncated image, unlike images, no alternation
+    bad = [("text", "a blue one ."), ("image", blue), ("image", red), ("image", None), ("text", "  ")]
+    asp = E.proxy_aspects(bad, "a red prompt", WordScorer())
+    assert asp["perceptual_quality"] == pytest.approx(5 * 2 / 3)
+    # blue after text 'a blue one' -> 0; red after an image -> scored against the prompt -> 1; None -> 0
+    assert asp["text_image_coherence"] == pytest.approx(5 * 1 / 3)
+    assert asp["helpfulness"] == pytest.approx(5 * 1 / 3)  # 1 switch among 3 neighbouring pairs (blank text dropped)
+    assert asp["image_coherence"] < 5.0
+    assert E.proxy_aspects([("text", "only text .")], "p", WordScorer())["helpfulness"] == 0.0
+    toy_ok = E.proxy_aspects(bad, "p", WordScorer(), text_ok=lambda t: "blue" not in t)["text_quality"]
+    assert toy_ok == 0.0
+    assert 0 <= E.proxy_mmie_score(asp) <= 6 and E.proxy_mmie_score(dict.fromkeys(E.IB_ASPECTS, 5.0)) == 6.0
+
+
+def test_proxy_image_coherence_uses_clip_embeddings():
+    import data
+    import rewards
+    torch.manual_seed(0)
+    tok = data.build_text_tokenizer()
+    scorer = rewards.build_toy_clip(rewards.toy_clip_config(tok), tok)  # untrained: enough for the maths
+    a, b = data.render(data.make_scene(("red", "circle", 0))), data.render(data.make_scene(("blue", "square", 8)))
+    same = E.proxy_aspects([("text", "the red circle is at the top left ."), ("image", a), ("image", a)], "p", scorer)
+    assert same["image_coherence"] == pytest.approx(5.0, abs=1e-4)
+    diff = E.proxy_aspects([("text", "the red circle is at the top left ."), ("image", a), ("image", b)], "p", scorer)
+    x = torch.stack([scorer.preprocess(a), scorer.preprocess(b)])
+    e = scorer.model.encode_image(x, normalize=True).detach()
+    assert diff["image_coherence"] == pytest.approx(5 * float((e[0] @ e[1]).clamp(0, 1)), abs=1e-4)
