@@ -45,10 +45,10 @@ n_layer = 4               # tiny Janus trunk (toy world only)
 n_embd = 128
 n_head = 4
 image_size = 48           # toy images: 48x48, a 3x3 scene grid
-patch_size = 16           # VQ downsampling: 48/16 = 3x3 = 9 image tokens per image
+patch_size = 8            # VQ downsampling: 48/8 = 6x6 = 36 image tokens per image (4 per grid cell)
 codebook_size = 256
 # prepare (toy world tokenizers and reward models)
-vq_steps = 400
+vq_steps = 200
 clip_steps = 500
 # warm-up (stage 1)
 warmup_iters = 600
@@ -59,14 +59,14 @@ interleaved_ratio = 0.3   # the paper's 0.3M : 1M : 1M, kept small on purpose so
 warmup_data = ""          # a JSONL file of real warm-up data (see data.py); "" = toy world mix
 # sampling
 temperature = 1.0
-max_new_tokens = 128      # per trajectory (text + image + forced end-of-image tokens)
+max_new_tokens = 200      # per trajectory (text + image + forced end-of-image tokens)
 max_text_tokens = 32      # per text segment; a longer segment stops the row (runaway text)
 max_images = 4            # a row that opens one image more stops (runaway images)
 # GRPO (stage 2)
-grpo_iters = 40
+grpo_iters = 60
 prompts_per_step = 8
 group_size = 4            # G, rollouts per prompt (paper: 4)
-lr = 5e-4
+lr = 1e-4                  # AdamW; 5e-4 drifted (KL 1.3 after 30 steps) with no reward gain
 inner_epochs = 2          # optimisation passes over each batch of rollouts
 clip_eps = 0.2
 kl_beta = 0.04            # 0 = no KL term and no reference model in memory
@@ -82,6 +82,7 @@ text_critic = "toy"       # toy | a HF id / folder of a VLM critic (full scale)
 eval_prompts = 64
 # system
 dtype = "float32"         # float32 | bfloat16 (GPU)
+cpu_threads = 1           # torch threads on CPU; the toy model's small matmuls run fastest on one
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 DEFAULTS = {k: globals()[k] for k in config_keys}
 PRESETS = {  # the paper's recipe, one flag away (see README, "Full scale")
@@ -280,6 +281,10 @@ def tiny_janus(tokenizer, vq, cfg):
 def load_model(path, device, dtype=torch.float32):
     """Any Janus folder saved by save_pretrained (ours or a hub id) with its tokenizer."""
     from transformers import AutoTokenizer, JanusForConditionalGeneration
+    looks_local = path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") != 1
+    if looks_local and not os.path.exists(os.path.join(os.path.expanduser(path), "config.json")):
+        raise SystemExit(f"error: no Janus checkpoint at {path!r} (a folder with config.json from save_pretrained); "
+                         "run the earlier stage, or pass --model an HF id such as deepseek-community/Janus-Pro-1B")
     janus = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return UnifiedModel(janus, tokenizer, chat=tokenizer.sep_token_id is None)
@@ -601,7 +606,8 @@ def score_rollout(model, ro, examples, critic, scorer, cfg):
     decoded = decode_rollout(model, ro)
     out = rewards.hybrid_reward([s for s, _ in decoded], ro.finished.tolist(), [e.ref_texts for e in examples],
                                 [e.n_steps for e in examples], critic, scorer, use_format=cfg.use_format_reward,
-                                use_text=cfg.use_text_reward, use_visual=cfg.use_visual_reward)
+                                use_text=cfg.use_text_reward, use_visual=cfg.use_visual_reward,
+                                batch_tasks=[e.task for e in examples])
     S = int(ro.step.max()) + 1
     steps = torch.full((len(decoded), S), float("nan"))
     for b, ((segs, seg_steps), step_r) in enumerate(zip(decoded, out["steps"])):
@@ -625,8 +631,7 @@ def grpo(cfg, log):
     # the reference is the frozen warm-up model; with kl_beta = 0 it is never loaded
     ref = load_model(init, dev).requires_grad_(False) if cfg.kl_beta > 0 else None
     critic, scorer = build_scorers(cfg, policy.tokenizer, dev)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     start = 0
     if state:
         opt.load_state_dict(state["optimizer"]); start = state["iter"]
@@ -634,52 +639,64 @@ def grpo(cfg, log):
         print(f"grpo: resuming from {ckpt} at iter {start}")
     prompts_pool = rl_prompts(cfg)
     rng = random.Random(cfg.seed + 1000 + start)
-    G = cfg.group_size
+    score_fn = lambda ro, group: score_rollout(policy, ro, group, critic, scorer, cfg)
     for it in tqdm(range(start, cfg.grpo_iters), desc="grpo", initial=start, total=cfg.grpo_iters, disable=None):
         examples = rng.sample(prompts_pool, cfg.prompts_per_step)
-        group = [e for e in examples for _ in range(G)]  # a group = G rollouts of one prompt, adjacent rows
-        t0 = time.time()
-        policy.eval()
-        ro = sample_interleaved(policy, [e.prompt for e in group], cfg.temperature, cfg.max_new_tokens, cfg.max_text_tokens, cfg.max_images)
-        t1 = time.time()
-        sc = score_rollout(policy, ro, group, critic, scorer, cfg)
-        R = sc["reward"].float()
-        adv = group_advantages(R, G)[:, None].expand_as(ro.logp).clone()
-        if cfg.process_reward:
-            adv = adv + process_advantages(sc["step_tensor"], ro.step.cpu(), G)
-        adv = adv.to(dev)
-        t2 = time.time()
-        ref_logp = sequence_logprobs(ref, ro, cfg.temperature)[0].detach() if ref is not None else None  # once per batch
-        old_logp, mask = ro.logp.to(dev), ro.mask.to(dev)  # old log-probs come from the sampler, not recomputed
-        policy.train()
-        for epoch in range(cfg.inner_epochs):
-            logp, ent = sequence_logprobs(policy, ro, cfg.temperature, with_entropy=epoch == 0)
-            loss, st = grpo_loss(logp, old_logp, ref_logp if ref_logp is not None else logp.detach(), adv, mask,
-                                 cfg.clip_eps, cfg.kl_beta, cfg.loss_type)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"GRPO loss is {loss.item()} at iter {it}; lower --lr (now {cfg.lr}) or check rewards")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            if epoch == 0:
-                first = dict(entropy=(ent * mask).sum().item() / mask.sum().item(), kl=st["kl"])
-        t3 = time.time()
+        metrics = grpo_step(policy, ref, opt, examples, score_fn, cfg)
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"GRPO loss is {metrics['loss']} at iter {it}; lower --lr (now {cfg.lr}) or check the rewards")
         if it % cfg.log_interval == 0 or it + 1 == cfg.grpo_iters:
-            r = R.view(-1, G)
-            m = ro.mask.bool()
-            log({"stage": "grpo", "iter": it, "reward": R.mean().item(), "reward_std": r.std(1).mean().item(),
-                 **{f"rewards/{k}/mean": sc[k].float().mean().item() for k in ("format", "text", "visual")},
-                 "kl": first["kl"], "clip_ratio": st["clip_ratio"], "entropy": first["entropy"], "loss": loss.item(),
-                 "grad_norm": gn.item(), "frac_reward_zero_std": (r.std(1) < 1e-6).float().mean().item(),
-                 "completions/mean_text_tokens": (m & ~ro.is_image).sum(1).float().mean().item(),
-                 "completions/mean_image_tokens": (m & ro.is_image).sum(1).float().mean().item(),
-                 "time/sampling": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2})
+            log({"stage": "grpo", "iter": it, **metrics})
         if (it + 1) % cfg.ckpt_interval == 0 or it + 1 == cfg.grpo_iters:
             save_checkpoint(policy, ckpt, dict(iter=it + 1, optimizer=opt.state_dict(), rng=torch.get_rng_state()))
         if (it + 1) % cfg.storyboard_interval == 0 or it + 1 == cfg.grpo_iters:
-            policy.eval()
             write_storyboard(policy, cfg, "grpo", it + 1)
+
+
+def grpo_step(policy, ref, opt, examples, score_fn, cfg):
+    """One GRPO iteration: sample G rollouts per prompt, score them, advantages, inner epochs of the
+    clipped objective. score_fn(rollout, examples) -> dict with "reward" [B] and "step_tensor" [B, S]."""
+    dev, G = policy.device, cfg.group_size
+    group = [e for e in examples for _ in range(G)]  # a group = G rollouts of one prompt, adjacent rows
+    t0 = time.time()
+    policy.eval()
+    ro = sample_interleaved(policy, [e.prompt for e in group], cfg.temperature, cfg.max_new_tokens, cfg.max_text_tokens, cfg.max_images)
+    t1 = time.time()
+    sc = score_fn(ro, group)
+    R = sc["reward"].float()
+    adv = group_advantages(R, G)[:, None].expand_as(ro.logp).clone()
+    if cfg.process_reward:
+        adv = adv + process_advantages(sc["step_tensor"], ro.step.cpu(), G)
+    adv = adv.to(dev)
+    t2 = time.time()
+    ref_logp = sequence_logprobs(ref, ro, cfg.temperature)[0].detach() if ref is not None else None  # once per batch
+    old_logp, mask = ro.logp.to(dev), ro.mask.to(dev)  # old log-probs come from the sampler, not recomputed
+    t3 = time.time()
+    policy.train()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for epoch in range(cfg.inner_epochs):
+        logp, ent = sequence_logprobs(policy, ro, cfg.temperature, with_entropy=epoch == 0)
+        loss, st = grpo_loss(logp, old_logp, ref_logp if ref_logp is not None else logp.detach(), adv, mask,
+                             cfg.clip_eps, cfg.kl_beta, cfg.loss_type)
+        if not torch.isfinite(loss):
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        if epoch == 0:  # KL and entropy of the policy that sampled (the ratio is 1 here)
+            first = dict(entropy=(ent * mask).sum().item() / mask.sum().item(), kl=st["kl"])
+    policy.eval()
+    t4 = time.time()
+    r, m = R.view(-1, G), ro.mask.bool()
+    return {"reward": R.mean().item(), "reward_std": r.std(1).mean().item(),
+            **{f"rewards/{k}/mean": sc[k].float().mean().item() for k in ("format", "text", "visual") if k in sc},
+            "kl": first["kl"] if "first" in locals() else float("nan"), "clip_ratio": st["clip_ratio"],
+            "entropy": first["entropy"] if "first" in locals() else float("nan"), "loss": loss.item(),
+            "grad_norm": gn.item() if "gn" in locals() else float("nan"), "frac_reward_zero_std": (r.std(1) < 1e-6).float().mean().item(),
+            "completions/mean_text_tokens": (m & ~ro.is_image).sum(1).float().mean().item(),
+            "completions/mean_image_tokens": (m & ro.is_image).sum(1).float().mean().item(),
+            "time/sampling": t1 - t0, "time/scoring": t2 - t1, "time/reference": t3 - t2, "time/update": t4 - t3}
 
 
 def rl_prompts(cfg):
@@ -702,9 +719,9 @@ def prepare(cfg):
     tok = _load_tokenizer(root)
     rs = random.Random(cfg.seed)
     if not os.path.exists(os.path.join(root, "vq")):
-        scenes = [data.random_scene(rs) for _ in range(2000)]
         vq, stats = data.train_vq(data.make_vq_config(cfg.image_size, cfg.patch_size, cfg.codebook_size, cfg.n_embd),
-                                  [data.render(s, cfg.image_size) for s in scenes], steps=cfg.vq_steps, seed=cfg.seed)
+                                  data.vq_training_images(1500, seed=cfg.seed, image_size=cfg.image_size),
+                                  steps=cfg.vq_steps, seed=cfg.seed)
         print(f"prepare: VQ tokenizer {json.dumps(stats)}")
         atomic_dir(os.path.join(root, "vq"), vq.save_pretrained)
     for name, steps in (("clip", cfg.clip_steps), ("clip_weak", max(1, cfg.clip_steps // 10))):
@@ -830,6 +847,8 @@ def main(argv=None):
         print(json.dumps(vars(cfg), indent=2))
         return cfg
     torch.manual_seed(cfg.seed); random.seed(cfg.seed)
+    if resolve_device(cfg) == "cpu" and cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)
     log = make_logger(cfg)
     order = ["prepare", "warmup", "grpo"]
     todo = order[: order.index(cfg.stage) + 1] if cfg.stage in order else order

@@ -172,3 +172,16 @@ def test_dry_run_prints_config_without_loading(tmp_path):
     assert r.returncode == 0, r.stderr
     assert '"model": "deepseek-community/Janus-Pro-7B"' in r.stdout
     assert not os.path.exists(f"{tmp_path}/o")
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "unigrpo.py"), "--stage=grpo", f"--out_dir={tmp_path}",
+                        f"--model={tmp_path}/nowhere"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and "no Janus checkpoint at" in r.stderr and "nowhere" in r.stderr
+
+
+def test_malformed_warmup_data_names_file_and_line(tmp_path):
+    bad = tmp_path / "mix.jsonl"
+    bad.write_text('{"task": "t2i", "prompt": [{"text": "draw"}], "answer": [{"text": "x"}]}\n{"task": "t2i", "prompt": [\n')
+    with pytest.raises(ValueError, match=r"mix.jsonl:2"):
+        data.load_jsonl(str(bad))
