@@ -270,8 +270,10 @@ def tiny_janus(tokenizer, vq, cfg):
                          max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
         vision_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2.0,
-                           image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=H, depth=2,
-                           num_image_tokens=(cfg.image_size // cfg.patch_size) ** 2),
+                           # the understanding path reads a context image as a 3x3 grid of 16px patches (9
+                           # prompt tokens); only the generated images need the VQ's finer 6x6 grid
+                           image_size=cfg.image_size, patch_size=cfg.image_size // 3, projection_dim=H, depth=2,
+                           num_image_tokens=9),
         vq_config=vq.config.to_dict(), image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"))
     janus = JanusForConditionalGeneration(config)
     janus.model.vqmodel.load_state_dict(vq.state_dict())  # the VQ trained in `prepare`
