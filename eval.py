@@ -68,8 +68,9 @@ def evaluate_retained(model, cfg, n, seed=0):
     und = data.make_examples("understanding", n, "eval", seed=seed, image_size=cfg.image_size)
     t2i = data.make_examples("t2i", n, "eval", seed=seed, image_size=cfg.image_size)
     res = {}
-    for name, ex, check in (("understanding_acc", und, lambda segs, s: any(k == "text" and data.parse(x) == s for k, x in segs[:1])),
-                            ("t2i_acc", t2i, lambda segs, s: any(k == "image" and x is not None and data.parse_image(x) == s for k, x in segs[:1]))):
+    first = lambda segs, kind: next((x for k, x in segs if k == kind), None)  # the answer's first text / image
+    for name, ex, check in (("understanding_acc", und, lambda segs, s: data.parse(first(segs, "text") or "") == s),
+                            ("t2i_acc", t2i, lambda segs, s: (im := first(segs, "image")) is not None and data.parse_image(im) == s)):
         ok = 0
         for i in range(0, n, 32):
             ro = unigrpo.sample_interleaved(model, [e.prompt for e in ex[i:i + 32]], cfg.temperature, cfg.max_new_tokens,
