@@ -310,12 +310,18 @@ def _mmie_from_conversation_layout(item, folder):
     return question, answer, gt, "gt", notes
 
 
-def _mmie_record(item, folder):
+def _record_id(item, why=""):
+    """Every benchmark record is a JSON object with a non-empty string id."""
     if not isinstance(item, dict):
         _bad(f"expected a JSON object, got {type(item).__name__}")
     rid = item.get("id")
     if not isinstance(rid, str) or not rid.strip():
-        _bad(f'missing id: a non-empty string "id" is needed (category and scores are keyed by it), got {rid!r:.40}')
+        _bad(f'missing id: a non-empty string "id" is needed{why}, got {rid!r:.40}')
+    return rid
+
+
+def _mmie_record(item, folder):
+    rid = _record_id(item, " (category and scores are keyed by it)")
     category = mmie_category(rid)
     if category is None:
         _bad(f"unknown category: the id contains none of {', '.join(MMIE_CATEGORIES)}")
@@ -541,11 +547,7 @@ def ib_text_aspects_scored(task_name):
 
 
 def _ib_record(item, folder):
-    if not isinstance(item, dict):
-        _bad(f"expected a JSON object, got {type(item).__name__}")
-    rid = item.get("id")
-    if not isinstance(rid, str) or not rid.strip():
-        _bad(f'missing id: a non-empty string "id" is needed, got {rid!r:.40}')
+    rid = _record_id(item)
     task = item.get("task_name")
     if not isinstance(task, str) or not task.strip():
         _bad(f'missing task_name: a non-empty string is needed, got {task!r:.40}')
