@@ -124,3 +124,16 @@ def test_kl_beta_zero_loads_no_reference(pipeline, monkeypatch, tmp_path):
         unigrpo.main([f"--out_dir={run}", "--stage=grpo", f"--kl_beta={beta}", "--grpo_iters=1", "--prompts_per_step=1",
                       "--group_size=2", "--max_new_tokens=30", "--storyboard_interval=100", "--warmup_iters=40"])
         assert len(loads) == n, (beta, loads)
+
+
+def test_nan_reward_updates_nothing_and_is_reported(tiny):
+    """A NaN in the loss must not reach the weights; grpo() turns it into a clear error (before any checkpoint)."""
+    import copy
+    policy = copy.deepcopy(tiny)
+    before = [p.detach().clone() for p in policy.parameters()]
+    cfg = unigrpo.get_config(["--group_size=2", "--max_new_tokens=20", "--kl_beta=0", "--process_reward=false"])
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    score = lambda ro, group: {"reward": torch.tensor([float("nan"), 1.0] * (len(group) // 2))}
+    m = unigrpo.grpo_step(policy, None, opt, data.make_examples("story", 2, "rl", seed=0), score, cfg)
+    assert m["loss"] != m["loss"]  # NaN, reported to the caller
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
