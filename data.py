@@ -494,7 +494,8 @@ def train_vq(config, images: list, steps: int = 200, batch_size: int = 8, lr: fl
     are re-seeded from encoder outputs. Small batches and many steps beat large batches here: the
     cost is per image, and the plateau is measured in steps.
     A random 10% (at most 64) of the images is held out for stats (see vq_stats).
-    Measured on 2 CPU cores with the defaults and 1500 vq_training_images: ~99% per-cell accuracy.
+    Measured on 2 idle CPU cores, defaults, 1500 vq_training_images: ~27 s; on held-out scenes of the
+    world ~99% per-cell accuracy (parse_image), pixel MSE ~0.006. 400 steps: 100%, MSE 0.002.
     """
     from transformers import JanusVQVAE
 
@@ -506,10 +507,10 @@ def train_vq(config, images: list, steps: int = 200, batch_size: int = 8, lr: fl
     for m in vq.modules():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
             m.reset_parameters()
-    data = torch.stack([to_tensor(im) for im in images])
-    order = random.Random(seed).sample(range(len(data)), len(data))
-    n_held = min(64, len(data) // 10)
-    held, train = data[order[:n_held]], data[order[n_held:]]
+    pixels = torch.stack([to_tensor(im) for im in images])
+    order = random.Random(seed).sample(range(len(pixels)), len(pixels))
+    n_held = min(64, len(pixels) // 10)
+    held, train = pixels[order[:n_held]], pixels[order[n_held:]]
 
     # deep supervision: catch the output of each decoder level but the last
     levels = [up.block[-1] for up in vq.decoder.up[:-1]]
@@ -646,7 +647,8 @@ def load_jsonl(path, image_size: int | None = None) -> list:
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             for k in ("task", "prompt", "answer"):
                 if k not in record:
-                    raise ValueError(f'{path}:{lineno}: missing key "{k}"; every record needs "task", "prompt" and "answer"')
+                    raise ValueError(f'{path}:{lineno}: missing key "{k}"; '
+                                     'every record needs "task", "prompt" and "answer"')
             if not isinstance(record["task"], str) or not record["task"]:
                 raise ValueError(f'{path}:{lineno}: "task" must be a non-empty string, got {record["task"]!r:.40}')
             prompt = _segments(path, lineno, record, "prompt", folder, image_size)
