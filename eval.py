@@ -56,7 +56,7 @@ def evaluate_interleaved(model, examples, critic, scorer, cfg, seed=0):
             rows.append(dict(oracle_step=sum(s for _, _, s in o) / len(o), oracle_text=sum(t for t, _, _ in o) / len(o),
                              oracle_image=sum(m for _, m, _ in o) / len(o), format=float(sc["format"][j]),
                              text=float(sc["text"][j]), visual=float(sc["visual"][j]),
-                             reward=float(sc["format"][j] + sc["text"][j] + sc["visual"][j]),
+                             reward=float(sc["reward"][j]),
                              images=sum(k == "image" for k, _ in segs)))
     return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
 

@@ -676,6 +676,8 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg):
     t3 = time.time()
     policy.train()
     params = [p for g in opt.param_groups for p in g["params"]]
+    nan = float("nan")  # what the metrics say when a non-finite loss stops the update before a step
+    first, gn = dict(entropy=nan, kl=nan), torch.tensor(nan)
     for epoch in range(cfg.inner_epochs):
         logp, ent = sequence_logprobs(policy, ro, cfg.temperature, with_entropy=epoch == 0)
         loss, st = grpo_loss(logp, old_logp, ref_logp if ref_logp is not None else logp.detach(), adv, mask,
@@ -693,9 +695,8 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg):
     r, m = R.view(-1, G), ro.mask.bool()
     return {"reward": R.mean().item(), "reward_std": r.std(1).mean().item(),
             **{f"rewards/{k}/mean": sc[k].float().mean().item() for k in ("format", "text", "visual") if k in sc},
-            "kl": first["kl"] if "first" in locals() else float("nan"), "clip_ratio": st["clip_ratio"],
-            "entropy": first["entropy"] if "first" in locals() else float("nan"), "loss": loss.item(),
-            "grad_norm": gn.item() if "gn" in locals() else float("nan"), "frac_reward_zero_std": (r.std(1) < 1e-6).float().mean().item(),
+            "kl": first["kl"], "clip_ratio": st["clip_ratio"], "entropy": first["entropy"], "loss": loss.item(),
+            "grad_norm": gn.item(), "frac_reward_zero_std": (r.std(1) < 1e-6).float().mean().item(),
             "completions/mean_text_tokens": (m & ~ro.is_image).sum(1).float().mean().item(),
             "completions/mean_image_tokens": (m & ro.is_image).sum(1).float().mean().item(),
             "time/sampling": t1 - t0, "time/scoring": t2 - t1, "time/reference": t3 - t2, "time/update": t4 - t3}

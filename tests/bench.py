@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import unigrpo  # noqa: E402
+from conftest import bias_text_logits  # noqa: E402
 
 
 def _tiny(cfg):
@@ -26,13 +27,6 @@ def _tiny(cfg):
     tok = data.build_text_tokenizer()
     vq = JanusVQVAE(data.make_vq_config(cfg.image_size, cfg.patch_size, cfg.codebook_size, cfg.n_embd))
     return unigrpo.UnifiedModel(unigrpo.tiny_janus(tok, vq, cfg), tok).eval()
-
-
-def _force(model, **bias):
-    b = torch.zeros(len(model.tokenizer))
-    for k, v in bias.items():
-        b[getattr(model, k)] = v
-    model.text_logits = lambda h, f=type(model).text_logits: f(model, h) + b
 
 
 def _time(fn, reps=3):
@@ -50,7 +44,7 @@ def sampler_vs_generate(cfg, batch=32, new_tokens=64):
     ids, mask, _ = unigrpo.pad_prompts(m, prompts)
     rows = []
     # text only
-    _force(m, boi_id=-1e4, eos_id=-1e4)
+    bias_text_logits(m, boi_id=-1e4, eos_id=-1e4)
     ours = _time(lambda: unigrpo.sample_interleaved(m, prompts, max_new_tokens=new_tokens, max_text_tokens=10 ** 6))
     del m.text_logits
     gc = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, pad_token_id=m.pad_id, eos_token_id=m.eos_id)
@@ -58,7 +52,7 @@ def sampler_vs_generate(cfg, batch=32, new_tokens=64):
     rows.append(("text-only", batch * new_tokens / ours, batch * new_tokens / hf))
     # image only: one image of n_image_tokens codes
     N = m.n_image_tokens
-    _force(m, boi_id=1e4)
+    bias_text_logits(m, boi_id=1e4)
     ours = _time(lambda: unigrpo.sample_interleaved(m, prompts, max_new_tokens=N + 1, max_images=1))
     del m.text_logits
     img_ids = torch.cat([ids, torch.full((batch, 1), m.boi_id)], 1)

@@ -10,6 +10,7 @@ import torch
 
 import data
 import unigrpo
+from conftest import bias_text_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,20 +19,13 @@ def _cfg(tmp_path, *args):
     return unigrpo.get_config(["--out_dir", str(tmp_path), "--log_interval=1", *args])
 
 
-def _bias(model, **bias):
-    b = torch.zeros(len(model.tokenizer))
-    for k, v in bias.items():
-        b[getattr(model, k)] = v
-    model.text_logits = lambda h, f=type(model).text_logits: f(model, h) + b
-
-
 def test_grpo_step_raises_a_reward_on_both_modalities(tiny):
     """The GRPO machinery climbs a reward that asks for a word in the text and low codes in the images
     (a sign error anywhere in ratio, advantage or loss would make it fall)."""
     import copy
     torch.manual_seed(0)
     policy = copy.deepcopy(tiny)
-    _bias(policy, boi_id=2.0)  # images appear early, so the image head gets a signal too
+    bias_text_logits(policy, boi_id=2.0)  # images appear early, so the image head gets a signal too
     red = policy.tokenizer.convert_tokens_to_ids("red")
     cfg = unigrpo.get_config(["--group_size=4", "--max_new_tokens=40", "--kl_beta=0", "--inner_epochs=2", "--lr=3e-3",
                               "--process_reward=false"])

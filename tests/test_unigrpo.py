@@ -8,6 +8,7 @@ import torch
 
 import data
 import unigrpo
+from conftest import bias_text_logits
 from unigrpo import decode_rollout, make_batch, sample_interleaved, sequence_logprobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,18 +19,10 @@ def _prompts():
     return [e.prompt for e in ex]
 
 
-def _bias_text_logits(model, **bias):
-    """Shift some text logits (e.g. make <begin_of_image> likely) without touching the weights."""
-    b = torch.zeros(len(model.tokenizer))
-    for name, v in bias.items():
-        b[getattr(model, name)] = v
-    model.text_logits = lambda h, f=type(model).text_logits: f(model, h) + b
-
-
 @pytest.fixture
 def boi_biased(tiny):
     """Raise the <begin_of_image> logit so rows open images at random, different times."""
-    _bias_text_logits(tiny, boi_id=2.5)
+    bias_text_logits(tiny, boi_id=2.5)
     yield tiny
     del tiny.text_logits
 
@@ -91,10 +84,10 @@ def test_rows_switch_modality_independently_and_images_are_whole(boi_biased):
 
 def test_limits_stop_runaway_rows(tiny):
     try:
-        _bias_text_logits(tiny, boi_id=-1e4, eos_id=-1e4)  # never close a text segment
+        bias_text_logits(tiny, boi_id=-1e4, eos_id=-1e4)  # never close a text segment
         ro = sample_interleaved(tiny, _prompts(), max_new_tokens=100, max_text_tokens=7, generator=torch.Generator().manual_seed(0))
         assert ro.ids.shape[1] == 7 and not ro.finished.any()
-        _bias_text_logits(tiny, boi_id=1e4)  # always open an image
+        bias_text_logits(tiny, boi_id=1e4)  # always open an image
         ro = sample_interleaved(tiny, _prompts(), max_new_tokens=200, max_images=2, generator=torch.Generator().manual_seed(0))
         n_img = (ro.is_image & ro.mask.bool()).sum(1)
         assert (n_img == 2 * tiny.n_image_tokens).all() and not ro.finished.any()
