@@ -48,7 +48,7 @@ def evaluate_interleaved(model, examples, critic, scorer, cfg, seed=0):
     for i in range(0, len(examples), 32):
         ex = examples[i:i + 32]
         ro = unigrpo.sample_interleaved(model, [e.prompt for e in ex], cfg.temperature, cfg.max_new_tokens,
-                                        cfg.max_text_tokens, cfg.max_images, generator=g)
+                                        cfg.max_text_tokens, cfg.max_images, generator=g, cfg_scale=cfg.cfg_scale)
         sc = unigrpo.score_rollout(model, ro, ex, critic, scorer, cfg)
         for j, e in enumerate(ex):
             segs = sc["decoded"][j][0]
@@ -74,7 +74,7 @@ def evaluate_retained(model, cfg, n, seed=0):
         ok = 0
         for i in range(0, n, 32):
             ro = unigrpo.sample_interleaved(model, [e.prompt for e in ex[i:i + 32]], cfg.temperature, cfg.max_new_tokens,
-                                            cfg.max_text_tokens, cfg.max_images, generator=g)
+                                            cfg.max_text_tokens, cfg.max_images, generator=g, cfg_scale=cfg.cfg_scale)
             ok += sum(check(segs, e.states[0]) for (segs, _), e in zip(unigrpo.decode_rollout(model, ro), ex[i:i + 32]))
         res[name] = ok / n
     return res

@@ -15,7 +15,7 @@ the warm-up model.
 Read top to bottom: config, model wrapper, interleaved sampler, log-probs, warm-up, GRPO maths,
 GRPO loop, checkpoints/storyboards, main.
 """
-import copy, difflib, io, json, math, os, shutil, sys, time, base64, random
+import contextlib, copy, difflib, importlib.util, io, json, math, os, shutil, sys, time, base64, random
 from ast import literal_eval
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -47,6 +47,8 @@ n_head = 4
 image_size = 48           # toy images: 48x48, a 3x3 scene grid
 patch_size = 8            # VQ downsampling: 48/8 = 6x6 = 36 image tokens per image (4 per grid cell)
 codebook_size = 256
+lora_rank = 0             # > 0: train LoRA adapters (peft) on the trunk, base frozen (the paper's QLoRA row)
+lora_alpha = 16           # LoRA scale = lora_alpha / lora_rank
 # prepare (toy world tokenizers and reward models)
 vq_steps = 200
 clip_steps = 500
@@ -59,6 +61,7 @@ interleaved_ratio = 0.3   # the paper's 0.3M : 1M : 1M, kept small on purpose so
 warmup_data = ""          # a JSONL file of real warm-up data (see data.py); "" = toy world mix
 # sampling
 temperature = 1.0
+cfg_scale = 1.0           # classifier-free guidance for image tokens (1 = off); the paper samples with 3
 max_new_tokens = 200      # per trajectory (text + image + forced end-of-image tokens)
 max_text_tokens = 32      # per text segment; a longer segment stops the row (runaway text)
 max_images = 4            # a row that opens one image more stops (runaway images)
@@ -88,10 +91,10 @@ DEFAULTS = {k: globals()[k] for k in config_keys}
 PRESETS = {  # the paper's recipe, one flag away (see README, "Full scale")
     "janus-pro-1b": dict(model="deepseek-community/Janus-Pro-1B", image_size=384, patch_size=16, group_size=4,
                          prompts_per_step=8, lr=1e-6, kl_beta=0.04, inner_epochs=1, dtype="bfloat16",
-                         visual_scorer="openclip:ViT-L-14/openai", max_new_tokens=2600, max_text_tokens=256),
+                         visual_scorer="openclip:ViT-L-14/openai", max_new_tokens=2600, max_text_tokens=256, cfg_scale=3.0),
     "janus-pro-7b": dict(model="deepseek-community/Janus-Pro-7B", image_size=384, patch_size=16, group_size=4,
                          prompts_per_step=4, lr=1e-6, kl_beta=0.04, inner_epochs=1, dtype="bfloat16",
-                         visual_scorer="openclip:ViT-L-14/openai", max_new_tokens=2600, max_text_tokens=256),
+                         visual_scorer="openclip:ViT-L-14/openai", max_new_tokens=2600, max_text_tokens=256, cfg_scale=3.0),
 }
 # -----------------------------------------------------------------------------
 
@@ -131,6 +134,9 @@ def get_config(argv):
         raise SystemExit(f"error: --loss_type must be sequence or token, not {cfg['loss_type']!r}")
     if cfg["group_size"] < 2:
         raise SystemExit("error: --group_size must be at least 2 (advantages are relative to the group)")
+    for key in ("lora_rank", "lora_alpha", "cfg_scale"):
+        if cfg[key] < 0:
+            raise SystemExit(f"error: --{key} must be >= 0, not {cfg[key]} (--lora_rank=0 and --cfg_scale=1 turn them off)")
     return SimpleNamespace(**cfg)
 
 
@@ -280,16 +286,50 @@ def tiny_janus(tokenizer, vq, cfg):
     return janus
 
 
-def load_model(path, device, dtype=torch.float32):
-    """Any Janus folder saved by save_pretrained (ours or a hub id) with its tokenizer."""
+def load_model(path, device, dtype=torch.float32, lora_rank=None, lora_alpha=16, four_bit=None):
+    """Any Janus folder saved by save_pretrained (ours or a hub id) with its tokenizer, or a LoRA checkpoint
+    of ours (adapter_config.json: adapters over the base it names). lora_rank=None keeps a checkpoint's
+    adapters attached and trainable (resume, eval); an int merges them into the weights (one set of
+    adapters trains at a time) and, if > 0, attaches fresh adapters of that rank (model.lora)."""
     from transformers import AutoTokenizer, JanusForConditionalGeneration
-    looks_local = path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") != 1
-    if looks_local and not os.path.exists(os.path.join(os.path.expanduser(path), "config.json")):
+    path = os.path.expanduser(path)
+    adapters = os.path.join(path, "adapter_config.json")
+    is_lora = os.path.exists(adapters)
+    looks_local = path.startswith((".", "/")) or os.path.exists(path) or path.count("/") != 1
+    if looks_local and not (is_lora or os.path.exists(os.path.join(path, "config.json"))):
         raise SystemExit(f"error: no Janus checkpoint at {path!r} (a folder with config.json from save_pretrained); "
                          "run the earlier stage, or pass --model an HF id such as deepseek-community/Janus-Pro-1B")
-    janus = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return UnifiedModel(janus, tokenizer, chat=tokenizer.sep_token_id is None)
+    if four_bit is None:  # QLoRA: the frozen base under adapters in 4 bits, only where bitsandbytes and a GPU are
+        four_bit = bool(lora_rank or (lora_rank is None and is_lora)) and str(device).startswith("cuda") \
+            and importlib.util.find_spec("bitsandbytes") is not None
+    if is_lora:
+        from peft import PeftModel
+        with open(adapters) as f:
+            base = json.load(f)["base_model_name_or_path"]
+        local = os.path.normpath(os.path.join(path, base))  # save_checkpoint writes a local base relative to path
+        base = local if base.startswith((".", "/")) or os.path.exists(local) else base
+        model = load_model(base, device, dtype, 0, four_bit=four_bit)
+        model.lora = PeftModel.from_pretrained(model.janus, path, is_trainable=True)
+        model.lora.peft_config["default"].base_model_name_or_path = base  # resolved; save_checkpoint relativises it
+    else:
+        kw = {}
+        if four_bit:  # only the trunk: the heads, embeddings, vision encoder and VQ stay in `dtype`
+            from transformers import BitsAndBytesConfig
+            kw = dict(device_map={"": device}, quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=[
+                    "vision_model", "aligner", "generation_embeddings", "generation_head", "lm_head", "vqmodel"]))
+        janus = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = UnifiedModel(janus if four_bit else janus.to(device), tokenizer, chat=tokenizer.sep_token_id is None)
+    if lora_rank is not None and is_lora:  # merge: the adapters become weights
+        model = UnifiedModel(model.lora.merge_and_unload().requires_grad_(not four_bit), model.tokenizer, model.chat)
+    if lora_rank:  # on the trunk's attention and MLP projections; dropout 0 so sampling and update see one policy
+        from peft import LoraConfig, get_peft_model
+        target = r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+        model.lora = get_peft_model(model.janus, LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                                            target_modules=target))
+        model.lora.peft_config["default"].base_model_name_or_path = path  # this folder (merged adapters included)
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -331,20 +371,51 @@ def _stack_context(context, device):
     return torch.stack(flat).to(device) if flat else None
 
 
+def unconditional_ids(model, ids, is_image):
+    """CFG's unconditional branch: the same sequence with every text token (prompt and generated text alike)
+    replaced by <pad>; BOS, image codes, context images and the <begin/end_of_image> markers stay. This is
+    Janus's recipe for one image (pad all but BOS and <begin_of_image>) carried to interleaved trajectories:
+    earlier images are in both branches, so guidance amplifies what the text asks for, not agreement with
+    the earlier images (which stays the conditional branch's business)."""
+    keep = is_image | (ids == model.bos_id) | (ids == model.boi_id) | (ids == model.eoi_id) | (ids == model.image_id)
+    return torch.where(keep, ids, model.pad_id)
+
+
+def head_logprobs(model, h, image, temperature, h_uncond=None, cfg_scale=1.0):
+    """log pi(. | h) for one modality, shared by the sampler and sequence_logprobs so both use one distribution:
+    text from the LM head (never guided); image codes from the generation head, with classifier-free
+    guidance l_u + s (l_c - l_u) when the unconditional hidden states are given; then the temperature."""
+    if not image:
+        return torch.log_softmax(model.text_logits(h).float() / temperature, dim=-1)
+    logits = model.image_logits(h).float()
+    if h_uncond is not None:
+        uncond = model.image_logits(h_uncond).float()
+        logits = uncond + cfg_scale * (logits - uncond)
+    return torch.log_softmax(logits / temperature, dim=-1)
+
+
 @torch.no_grad()
-def sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max_text_tokens=32, max_images=4, generator=None):
+def sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max_text_tokens=32, max_images=4, generator=None,
+                       cfg_scale=1.0):
     """Batched interleaved decoding with a KV cache. Every row is in text or image mode; one forward
     step serves all rows: text-mode rows read the LM head, image-mode rows the generation head.
     The model decides where an image goes by emitting <begin_of_image>; then exactly
-    n_image_tokens codes are sampled and <end_of_image> is forced; a row stops at EOS or a limit."""
+    n_image_tokens codes are sampled and <end_of_image> is forced; a row stops at EOS or a limit.
+    With cfg_scale != 1, rows B..2B-1 of every forward are the unconditional twins of rows 0..B-1
+    (unconditional_ids) with their own cache, fed in step through text too, so that an image can start
+    at any step; with cfg_scale == 1 there are no extra rows."""
     dev = model.device
     prompt_ids, prompt_mask, context = pad_prompts(model, prompts)
     prompt_ids, prompt_mask = prompt_ids.to(dev), prompt_mask.to(dev)
-    B, N = prompt_ids.shape[0], model.n_image_tokens
+    B, N, guided = prompt_ids.shape[0], model.n_image_tokens, cfg_scale != 1
+    no_image = torch.zeros_like(prompt_ids, dtype=torch.bool)
+    if guided:
+        prompt_ids = torch.cat([prompt_ids, unconditional_ids(model, prompt_ids, no_image)])
+        prompt_mask, no_image, context = prompt_mask.repeat(2, 1), no_image.repeat(2, 1), context * 2
     from transformers import DynamicCache
     cache = DynamicCache()
     pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    h = model.trunk(model.embed(prompt_ids, torch.zeros_like(prompt_ids, dtype=torch.bool)), prompt_mask, pos, cache,
+    h = model.trunk(model.embed(prompt_ids, no_image), prompt_mask, pos, cache,
                     _stack_context(context, dev), prompt_ids == model.image_id)[:, -1]
     next_pos, attn = pos[:, -1] + 1, prompt_mask
     # per-row state
@@ -361,9 +432,9 @@ def sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max_
         in_text = ~in_image & ~force_eoi & ~done
         tok = torch.full((B,), model.pad_id, dtype=torch.long, device=dev)
         lp = torch.zeros(B, device=dev)
-        for rows, head in ((in_text, model.text_logits), (in_image, model.image_logits)):
+        for rows, image in ((in_text, False), (in_image, True)):
             if rows.any():  # each head only on the rows in its mode
-                logp_all = torch.log_softmax(head(h[rows]).float() / temperature, dim=-1)
+                logp_all = head_logprobs(model, h[:B][rows], image, temperature, h[B:][rows] if guided else None, cfg_scale)
                 t = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
                 tok[rows], lp[rows] = t, logp_all.gather(-1, t[:, None]).squeeze(-1)
         tok = torch.where(force_eoi & ~done, model.eoi_id, tok)
@@ -389,11 +460,12 @@ def sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max_
         force_eoi = in_image & (img_left == 0)
         if done.all():
             break
-        attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=dev)], 1)
-        h = model.trunk(model.embed(tok[:, None], in_image[:, None]), attn, next_pos[:, None], cache)[:, -1]
+        attn = torch.cat([attn, torch.ones(len(attn), 1, dtype=attn.dtype, device=dev)], 1)
+        tok_in, img_in = (torch.cat([tok, unconditional_ids(model, tok, in_image)]), in_image.repeat(2)) if guided else (tok, in_image)
+        h = model.trunk(model.embed(tok_in[:, None], img_in[:, None]), attn, next_pos[:, None], cache)[:, -1]
         next_pos = next_pos + 1
     st = {k: torch.stack(v, 1) for k, v in out.items()}
-    return Rollout(prompt_ids, prompt_mask, context, st["ids"], st["is_image"], st["step"], st["logp"], st["mask"], finished)
+    return Rollout(prompt_ids[:B], prompt_mask[:B], context[:B], st["ids"], st["is_image"], st["step"], st["logp"], st["mask"], finished)
 
 
 def decode_rollout(model, ro):
@@ -432,29 +504,43 @@ def decode_rollout(model, ro):
 # Teacher-forced log-probs over both heads (used by warm-up, the policy, and the reference)
 
 
-def sequence_logprobs(model, ro, temperature=1.0, with_entropy=False):
-    """log pi(o_t | q, o_<t) for every generated token, with the same temperature as the sampler, so
+def sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale=1.0):
+    """log pi(o_t | q, o_<t) for every generated token, with the sampler's temperature and guidance, so
     that on-policy the ratio is exactly 1. The hidden state at position t predicts token t+1: the
-    one at <begin_of_image> predicts image code 0 through the generation head."""
+    one at <begin_of_image> predicts image code 0 through the generation head. With guidance the
+    unconditional twins run in the same forward and the gradient flows through both branches: the
+    policy being optimised is the guided distribution that sampled."""
     dev = model.device
     ids = torch.cat([ro.prompt_ids, ro.ids], 1).to(dev)
     is_image = torch.cat([torch.zeros_like(ro.prompt_ids, dtype=torch.bool), ro.is_image], 1).to(dev)
     attn = torch.cat([ro.prompt_mask, torch.ones_like(ro.ids)], 1).to(dev)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     tgt, img = ro.ids.to(dev), ro.is_image.to(dev)
-    h = model.trunk(model.embed(ids, is_image), attn, pos, None, _stack_context(ro.context, dev), 
-                    torch.cat([ro.prompt_ids.to(dev) == model.image_id, torch.zeros_like(img)], 1))
+    placeholders, context = torch.cat([ro.prompt_ids.to(dev) == model.image_id, torch.zeros_like(img)], 1), ro.context
+    B, guided = len(tgt), cfg_scale != 1 and bool(img.any())
+    if guided:
+        ids = torch.cat([ids, unconditional_ids(model, ids, is_image)])
+        is_image, attn, pos, placeholders, context = is_image.repeat(2, 1), attn.repeat(2, 1), pos.repeat(2, 1), placeholders.repeat(2, 1), context * 2
+    h = model.trunk(model.embed(ids, is_image), attn, pos, None, _stack_context(context, dev), placeholders)
     P = ro.prompt_ids.shape[1]
     h = h[:, P - 1:-1]  # hidden states that predict the generated tokens
     logp = torch.zeros(tgt.shape, device=dev)
     ent = torch.zeros(tgt.shape, device=dev) if with_entropy else None
-    for rows, head in ((~img, model.text_logits), (img, model.image_logits)):
+    for rows, image in ((~img, False), (img, True)):
         if rows.any():
-            lsm = torch.log_softmax(head(h[rows]).float() / temperature, dim=-1)
+            lsm = head_logprobs(model, h[:B][rows], image, temperature, h[B:][rows] if guided else None, cfg_scale)
             logp[rows] = lsm.gather(-1, tgt[rows][:, None]).squeeze(-1)
             if with_entropy:
                 ent[rows] = -(lsm.exp() * lsm).sum(-1).detach()
     return logp, ent
+
+
+def reference_logprobs(ref, ro, cfg):
+    """log pi_ref of a rollout, without a graph. With LoRA, ref is the policy itself with its adapters
+    switched off (the base is the warm-up model), not a second copy in memory."""
+    off = ref.lora.disable_adapter() if getattr(ref, "lora", None) is not None else contextlib.nullcontext()
+    with torch.no_grad(), off:
+        return sequence_logprobs(ref, ro, cfg.temperature, cfg_scale=cfg.cfg_scale)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -486,13 +572,15 @@ def warmup(cfg, log):
         return
     torch.manual_seed(cfg.seed)
     if state:
-        model = load_model(ckpt, dev)
+        model = load_model(ckpt, dev, getattr(torch, cfg.dtype))
         print(f"warm-up: resuming from {ckpt} at iter {state['iter']}")
     elif cfg.model:
-        model = load_model(cfg.model, dev, getattr(torch, cfg.dtype))
+        model = load_model(cfg.model, dev, getattr(torch, cfg.dtype), cfg.lora_rank, cfg.lora_alpha)
     else:
         tok, vq, _ = load_prepared(cfg)
         model = UnifiedModel(tiny_janus(tok, vq, cfg).to(dev), tok)
+        if cfg.lora_rank:
+            print("warm-up: the toy model trains from scratch, so all of it trains; --lora_rank applies from GRPO on")
     if cfg.warmup_data:
         mix = data.load_jsonl(cfg.warmup_data)
     else:
@@ -629,9 +717,14 @@ def grpo(cfg, log):
         print(f"grpo: complete checkpoint found in {ckpt}")
         return
     torch.manual_seed(cfg.seed)
-    policy = load_model(ckpt if state else init, dev)
-    # the reference is the frozen warm-up model; with kl_beta = 0 it is never loaded
-    ref = load_model(init, dev).requires_grad_(False) if cfg.kl_beta > 0 else None
+    dtype = getattr(torch, cfg.dtype)
+    policy = load_model(ckpt, dev, dtype) if state else load_model(init, dev, dtype, cfg.lora_rank, cfg.lora_alpha)
+    lora = getattr(policy, "lora", None) is not None
+    if state and lora != (cfg.lora_rank > 0):
+        raise SystemExit(f"error: {ckpt} was trained {'with' if lora else 'without'} LoRA; resume with the same --lora_rank or use a new --out_dir")
+    # the reference is the frozen warm-up model: with LoRA the policy's own base (adapters off, see
+    # reference_logprobs), else a second copy; with kl_beta = 0 it is never loaded
+    ref = None if cfg.kl_beta <= 0 else policy if lora else load_model(init, dev, dtype, 0).requires_grad_(False)
     critic, scorer = build_scorers(cfg, policy.tokenizer, dev)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     start = 0
@@ -662,7 +755,8 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg):
     group = [e for e in examples for _ in range(G)]  # a group = G rollouts of one prompt, adjacent rows
     t0 = time.time()
     policy.eval()
-    ro = sample_interleaved(policy, [e.prompt for e in group], cfg.temperature, cfg.max_new_tokens, cfg.max_text_tokens, cfg.max_images)
+    ro = sample_interleaved(policy, [e.prompt for e in group], cfg.temperature, cfg.max_new_tokens, cfg.max_text_tokens, cfg.max_images,
+                            cfg_scale=cfg.cfg_scale)
     t1 = time.time()
     sc = score_fn(ro, group)
     R = sc["reward"].float()
@@ -671,7 +765,7 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg):
         adv = adv + process_advantages(sc["step_tensor"], ro.step.cpu(), G)
     adv = adv.to(dev)
     t2 = time.time()
-    ref_logp = sequence_logprobs(ref, ro, cfg.temperature)[0].detach() if ref is not None else None  # once per batch
+    ref_logp = reference_logprobs(ref, ro, cfg) if ref is not None else None  # once per batch
     old_logp, mask = ro.logp.to(dev), ro.mask.to(dev)  # old log-probs come from the sampler, not recomputed
     t3 = time.time()
     policy.train()
@@ -679,7 +773,7 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg):
     nan = float("nan")  # what the metrics say when a non-finite loss stops the update before a step
     first, gn = dict(entropy=nan, kl=nan), torch.tensor(nan)
     for epoch in range(cfg.inner_epochs):
-        logp, ent = sequence_logprobs(policy, ro, cfg.temperature, with_entropy=epoch == 0)
+        logp, ent = sequence_logprobs(policy, ro, cfg.temperature, with_entropy=epoch == 0, cfg_scale=cfg.cfg_scale)
         loss, st = grpo_loss(logp, old_logp, ref_logp if ref_logp is not None else logp.detach(), adv, mask,
                              cfg.clip_eps, cfg.kl_beta, cfg.loss_type)
         if not torch.isfinite(loss):
@@ -762,8 +856,18 @@ def atomic_dir(path, write):
 
 
 def save_checkpoint(model, path, state):
+    """Full weights, or for a LoRA model only its adapters (a few MB for a 7B model): adapter_config.json
+    names the base they sit on (the folder it was loaded from; relative to `path` when local, so out_dir
+    can move) and load_model follows it; eval and the next stage load either kind the same way."""
     def write(d):
-        model.janus.save_pretrained(d)
+        if getattr(model, "lora", None) is not None:
+            conf = model.lora.peft_config["default"]
+            base = conf.base_model_name_or_path
+            conf.base_model_name_or_path = os.path.relpath(base, path) if os.path.isdir(base) else base
+            model.lora.save_pretrained(d, save_embedding_layers=False)  # False: "auto" would query the hub
+            conf.base_model_name_or_path = base
+        else:
+            model.janus.save_pretrained(d)
         model.tokenizer.save_pretrained(d)
         torch.save(state, os.path.join(d, "trainer_state.pt"))
     atomic_dir(path, write)
@@ -781,7 +885,8 @@ def write_storyboard(model, cfg, stage_name, it, n=6):
     from PIL import Image, ImageDraw
     examples = [e for task in ("story", "howto") for e in data.make_examples(task, n // 2, "eval", seed=cfg.seed, image_size=cfg.image_size)]
     gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
-    ro = sample_interleaved(model, [e.prompt for e in examples], cfg.temperature, cfg.max_new_tokens, cfg.max_text_tokens, cfg.max_images, generator=gen)
+    ro = sample_interleaved(model, [e.prompt for e in examples], cfg.temperature, cfg.max_new_tokens, cfg.max_text_tokens, cfg.max_images,
+                            generator=gen, cfg_scale=cfg.cfg_scale)
     decoded = decode_rollout(model, ro)
     os.makedirs(os.path.join(cfg.out_dir, "storyboards"), exist_ok=True)
     base = os.path.join(cfg.out_dir, "storyboards", f"{stage_name}_{it:05d}")
