@@ -3,8 +3,7 @@
 Prints one table:
   1. the interleaved sampler against transformers' own `generate` on the same tiny Janus, same batch:
      text-only (our sampler with <begin_of_image>/EOS suppressed) and image-only (our sampler forced
-     to open one image; HF's image mode, which always runs classifier-free guidance, so it pushes
-     2x the rows through the trunk: the ratio is reported as measured, with that caveat);
+     to open one image), both samplers with classifier-free guidance 2 (HF's image mode always guides);
   2. a GRPO step split into sampling, scoring, reference log-probs and update, for G = 2, 4, 8
      (needs a finished `out_dir` from `python unigrpo.py --stage grpo`; skipped otherwise);
   3. peak RSS.
@@ -53,14 +52,14 @@ def sampler_vs_generate(cfg, batch=32, new_tokens=64):
     # image only: one image of n_image_tokens codes
     N = m.n_image_tokens
     bias_text_logits(m, boi_id=1e4)
-    ours = _time(lambda: unigrpo.sample_interleaved(m, prompts, max_new_tokens=N + 1, max_images=1))
+    ours = _time(lambda: unigrpo.sample_interleaved(m, prompts, max_new_tokens=N + 1, max_images=1, cfg_scale=2.0))
     del m.text_logits
     img_ids = torch.cat([ids, torch.full((batch, 1), m.boi_id)], 1)
     img_mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], 1)
     m.janus.generation_config.generation_kwargs = {"boi_token_id": m.boi_id}
     hf = _time(lambda: m.janus.generate(input_ids=img_ids, attention_mask=img_mask, generation_mode="image", do_sample=True,
                                         guidance_scale=2.0, pad_token_id=m.pad_id, bos_token_id=m.bos_id, max_new_tokens=N))
-    rows.append(("image-only (HF with CFG 2)", batch * N / ours, batch * N / hf))
+    rows.append(("image-only (both with CFG 2)", batch * N / ours, batch * N / hf))
     return rows
 
 

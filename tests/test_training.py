@@ -131,3 +131,29 @@ def test_nan_reward_updates_nothing_and_is_reported(tiny):
     m = unigrpo.grpo_step(policy, None, opt, data.make_examples("story", 2, "rl", seed=0), score, cfg)
     assert m["loss"] != m["loss"]  # NaN, reported to the caller
     assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+def test_lora_grpo_run_keeps_one_model_resumes_and_loads(pipeline, monkeypatch, tmp_path, capsys):
+    """--lora_rank through the CLI, with CFG: one model in memory (the reference is its base), an adapters-only
+    checkpoint that a later run resumes and load_model (eval, the next stage) reads like any other."""
+    out, _, _ = pipeline
+    import shutil
+    run = tmp_path / "lora"
+    shutil.copytree(os.path.join(out, "prepare"), run / "prepare")
+    shutil.copytree(os.path.join(out, "warmup"), run / "warmup")
+    loads = []
+    real = unigrpo.load_model
+    monkeypatch.setattr(unigrpo, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    args = [f"--out_dir={run}", "--stage=grpo", "--lora_rank=4", "--lora_alpha=8", "--lr=1e-2", "--cfg_scale=3",
+            "--prompts_per_step=2", "--group_size=2", "--max_new_tokens=40", "--storyboard_interval=100", "--warmup_iters=40"]
+    unigrpo.main(args + ["--grpo_iters=1"])
+    assert loads == [os.path.join(str(run), "warmup")], loads  # no reference copy
+    files = os.listdir(run / "grpo")
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    unigrpo.main(args + ["--grpo_iters=2"])
+    assert "resuming from" in capsys.readouterr().out and unigrpo.load_state(str(run / "grpo"))["iter"] == 2
+    kl = [row["kl"] for row in _rows(run, "grpo")]
+    assert kl[0] == 0.0 and kl[1] > 0, kl  # the resumed adapters differ from the base they were reloaded on
+    with pytest.raises(SystemExit, match="trained with LoRA"):
+        unigrpo.main([a for a in args if not a.startswith("--lora_rank")] + ["--grpo_iters=3"])
+    assert real(str(run / "grpo"), "cpu").lora is not None
