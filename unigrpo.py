@@ -293,8 +293,7 @@ def load_model(path, device, dtype=torch.float32, lora_rank=None, lora_alpha=16,
     adapters trains at a time) and, if > 0, attaches fresh adapters of that rank (model.lora)."""
     from transformers import AutoTokenizer, JanusForConditionalGeneration
     path = os.path.expanduser(path)
-    adapters = os.path.join(path, "adapter_config.json")
-    is_lora = os.path.exists(adapters)
+    is_lora = os.path.exists(os.path.join(path, "adapter_config.json"))
     looks_local = path.startswith((".", "/")) or os.path.exists(path) or path.count("/") != 1
     if looks_local and not (is_lora or os.path.exists(os.path.join(path, "config.json"))):
         raise SystemExit(f"error: no Janus checkpoint at {path!r} (a folder with config.json from save_pretrained); "
@@ -303,9 +302,8 @@ def load_model(path, device, dtype=torch.float32, lora_rank=None, lora_alpha=16,
         four_bit = bool(lora_rank or (lora_rank is None and is_lora)) and str(device).startswith("cuda") \
             and importlib.util.find_spec("bitsandbytes") is not None
     if is_lora:
-        from peft import PeftModel
-        with open(adapters) as f:
-            base = json.load(f)["base_model_name_or_path"]
+        from peft import PeftConfig, PeftModel
+        base = PeftConfig.from_pretrained(path).base_model_name_or_path
         local = os.path.normpath(os.path.join(path, base))  # save_checkpoint writes a local base relative to path
         base = local if base.startswith((".", "/")) or os.path.exists(local) else base
         model = load_model(base, device, dtype, 0, four_bit=four_bit)
@@ -401,9 +399,8 @@ def sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max_
     step serves all rows: text-mode rows read the LM head, image-mode rows the generation head.
     The model decides where an image goes by emitting <begin_of_image>; then exactly
     n_image_tokens codes are sampled and <end_of_image> is forced; a row stops at EOS or a limit.
-    With cfg_scale != 1, rows B..2B-1 of every forward are the unconditional twins of rows 0..B-1
-    (unconditional_ids) with their own cache, fed in step through text too, so that an image can start
-    at any step; with cfg_scale == 1 there are no extra rows."""
+    CFG (cfg_scale != 1): rows B..2B-1 of every forward are the unconditional twins of rows 0..B-1, kept in
+    step through text too since any step may open an image; with cfg_scale == 1 there are no extra rows."""
     dev = model.device
     prompt_ids, prompt_mask, context = pad_prompts(model, prompts)
     prompt_ids, prompt_mask = prompt_ids.to(dev), prompt_mask.to(dev)
@@ -507,9 +504,8 @@ def decode_rollout(model, ro):
 def sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale=1.0):
     """log pi(o_t | q, o_<t) for every generated token, with the sampler's temperature and guidance, so
     that on-policy the ratio is exactly 1. The hidden state at position t predicts token t+1: the
-    one at <begin_of_image> predicts image code 0 through the generation head. With guidance the
-    unconditional twins run in the same forward and the gradient flows through both branches: the
-    policy being optimised is the guided distribution that sampled."""
+    one at <begin_of_image> predicts image code 0 through the generation head. With CFG the gradient flows
+    through both branches (in one forward): the policy optimised is the guided one that sampled."""
     dev = model.device
     ids = torch.cat([ro.prompt_ids, ro.ids], 1).to(dev)
     is_image = torch.cat([torch.zeros_like(ro.prompt_ids, dtype=torch.bool), ro.is_image], 1).to(dev)
@@ -520,7 +516,8 @@ def sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale=
     B, guided = len(tgt), cfg_scale != 1 and bool(img.any())
     if guided:
         ids = torch.cat([ids, unconditional_ids(model, ids, is_image)])
-        is_image, attn, pos, placeholders, context = is_image.repeat(2, 1), attn.repeat(2, 1), pos.repeat(2, 1), placeholders.repeat(2, 1), context * 2
+        is_image, attn, pos, placeholders = (t.repeat(2, 1) for t in (is_image, attn, pos, placeholders))
+        context = context * 2
     h = model.trunk(model.embed(ids, is_image), attn, pos, None, _stack_context(context, dev), placeholders)
     P = ro.prompt_ids.shape[1]
     h = h[:, P - 1:-1]  # hidden states that predict the generated tokens
@@ -721,7 +718,8 @@ def grpo(cfg, log):
     policy = load_model(ckpt, dev, dtype) if state else load_model(init, dev, dtype, cfg.lora_rank, cfg.lora_alpha)
     lora = getattr(policy, "lora", None) is not None
     if state and lora != (cfg.lora_rank > 0):
-        raise SystemExit(f"error: {ckpt} was trained {'with' if lora else 'without'} LoRA; resume with the same --lora_rank or use a new --out_dir")
+        raise SystemExit(f"error: {ckpt} was trained {'with' if lora else 'without'} LoRA; "
+                         "resume with the same --lora_rank or use a new --out_dir")
     # the reference is the frozen warm-up model: with LoRA the policy's own base (adapters off, see
     # reference_logprobs), else a second copy; with kl_beta = 0 it is never loaded
     ref = None if cfg.kl_beta <= 0 else policy if lora else load_model(init, dev, dtype, 0).requires_grad_(False)

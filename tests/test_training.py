@@ -103,15 +103,20 @@ def test_stopped_run_resumes_from_its_checkpoint(pipeline):
     assert unigrpo.load_state(os.path.join(out, "grpo"))["iter"] == 3
 
 
+def _warmed_up_copy(pipeline, run, monkeypatch):
+    """The pipeline's prepare + warm-up copied to `run`; returns the list of paths load_model is called with."""
+    import shutil
+    shutil.copytree(os.path.join(pipeline[0], "prepare"), run / "prepare")
+    shutil.copytree(os.path.join(pipeline[0], "warmup"), run / "warmup")
+    loads, real = [], unigrpo.load_model
+    monkeypatch.setattr(unigrpo, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    return loads
+
+
 def test_kl_beta_zero_loads_no_reference(pipeline, monkeypatch, tmp_path):
-    out, _, _ = pipeline
     import shutil
     run = tmp_path / "nokl"
-    shutil.copytree(os.path.join(out, "prepare"), run / "prepare")
-    shutil.copytree(os.path.join(out, "warmup"), run / "warmup")
-    loads = []
-    real = unigrpo.load_model
-    monkeypatch.setattr(unigrpo, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    loads = _warmed_up_copy(pipeline, run, monkeypatch)
     for beta, n in (("0", 1), ("0.04", 2)):
         loads.clear()
         shutil.rmtree(run / "grpo", ignore_errors=True)
@@ -136,14 +141,8 @@ def test_nan_reward_updates_nothing_and_is_reported(tiny):
 def test_lora_grpo_run_keeps_one_model_resumes_and_loads(pipeline, monkeypatch, tmp_path, capsys):
     """--lora_rank through the CLI, with CFG: one model in memory (the reference is its base), an adapters-only
     checkpoint that a later run resumes and load_model (eval, the next stage) reads like any other."""
-    out, _, _ = pipeline
-    import shutil
     run = tmp_path / "lora"
-    shutil.copytree(os.path.join(out, "prepare"), run / "prepare")
-    shutil.copytree(os.path.join(out, "warmup"), run / "warmup")
-    loads = []
-    real = unigrpo.load_model
-    monkeypatch.setattr(unigrpo, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    loads = _warmed_up_copy(pipeline, run, monkeypatch)
     args = [f"--out_dir={run}", "--stage=grpo", "--lora_rank=4", "--lora_alpha=8", "--lr=1e-2", "--cfg_scale=3",
             "--prompts_per_step=2", "--group_size=2", "--max_new_tokens=40", "--storyboard_interval=100", "--warmup_iters=40"]
     unigrpo.main(args + ["--grpo_iters=1"])
@@ -156,4 +155,5 @@ def test_lora_grpo_run_keeps_one_model_resumes_and_loads(pipeline, monkeypatch, 
     assert kl[0] == 0.0 and kl[1] > 0, kl  # the resumed adapters differ from the base they were reloaded on
     with pytest.raises(SystemExit, match="trained with LoRA"):
         unigrpo.main([a for a in args if not a.startswith("--lora_rank")] + ["--grpo_iters=3"])
-    assert real(str(run / "grpo"), "cpu").lora is not None
+    monkeypatch.undo()
+    assert unigrpo.load_model(str(run / "grpo"), "cpu").lora is not None
