@@ -1,15 +1,19 @@
 """
-Evaluation: the toy benchmark with its oracle, retained abilities,
+Evaluation: the toy benchmark with its oracle, retained abilities, the paper's ablation table,
 and MMIE / InterleavedBench from local copies.
 
     python eval.py --out_dir out                    # every stage checkpoint in out/ on the same held-out prompts
+    python eval.py --ablations --out_dir out        # the paper's ablation table in the toy world (--seeds 3, --rows ...)
     python eval.py --benchmark mmie --data_path DIR # generate, write the official scorer's input, print a PROXY score
     python eval.py --benchmark interleavedbench --data_path DIR
 
 eval.py's own flags: --benchmark mmie|interleavedbench, --data_path DIR (or the JSON file),
 --checkpoint PATH (default: the latest stage in --out_dir, grpo/ then warmup/), --limit N (first N
-records), --skip_bad (skip and list malformed records instead of stopping). Every other flag is a
-unigrpo.py config key (python unigrpo.py --help), e.g. --max_new_tokens, --temperature.
+records), --skip_bad (skip and list malformed records instead of stopping), --ablations,
+--seeds N (default 3), --rows KEY,KEY (a subset of the ablation rows: base, warmup, rf, rt, rv,
+full, nokl_g2, kl_g2, weak_rv). Every other flag is a unigrpo.py config key (python unigrpo.py
+--help) and applies to every stage and ablation row, e.g. the budget: --grpo_iters, --warmup_iters,
+--prompts_per_step, --eval_prompts.
 
 The ORACLE is the honest number: no reward model is involved. For every expected answer step it
 reads the generated text with the grammar parser and the generated image with the pixel-level
@@ -23,10 +27,12 @@ description out, parsed) and text-to-image accuracy (description in, image read 
 """
 import argparse
 import json
+import math
 import os
 import re
 import shutil
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -860,6 +866,162 @@ def run_benchmark(cfg, name, data_path, checkpoint="", limit=0, skip_bad=False):
     return result
 
 # -----------------------------------------------------------------------------
+# The paper's ablation table, reproduced in the toy world
+
+# (key, the paper's setting, unigrpo flags on top of FULL_METHOD, the row it is compared with,
+#  the paper's MMIE AVG (%), InterleavedBench AVG (0..5)). Each GRPO row is the full method with the
+# paper's changes for that row; the paper's CLIP-instead-of-ImageReward row becomes the tiny CLIP
+# trained 1/10 as long (clip_weak) instead of the default one.
+ABLATIONS = (
+    ("base", "base model, no warm-up, no GRPO", None, None, None, 0.51),
+    ("warmup", "warm-up only", None, "base", 53.31, 1.97),
+    ("rf", "warm-up + GRPO, r_f only", dict(use_text_reward=False, use_visual_reward=False, process_reward=False),
+     "warmup", 53.56, 2.05),
+    ("rt", "+ r_t", dict(use_visual_reward=False, process_reward=False), "rf", 54.62, 2.30),
+    ("rv", "+ r_v", dict(process_reward=False), "rt", 57.83, 2.79),
+    ("full", "+ process reward (full method)", {}, "rv", 59.50, 3.13),
+    ("nokl_g2", "no KL, G = 2", dict(kl_beta=0.0, group_size=2), "kl_g2", 53.04, 1.72),
+    ("kl_g2", "KL, G = 2", dict(group_size=2), "full", 55.14, 2.27),
+    ("weak_rv", "KL, G = 4, weaker r_v scorer (paper: CLIP score)", dict(visual_scorer="clip_weak"), "full", 56.94, 2.58),
+)
+FULL_METHOD = dict(use_format_reward=True, use_text_reward=True, use_visual_reward=True, process_reward=True, group_size=4)
+ABLATION_COLUMNS = ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "understanding_acc", "t2i_acc")
+NOT_SETTINGS = ("out_dir", "stage", "dry_run", "log_interval", "ckpt_interval", "storyboard_interval")  # no effect on results
+
+
+def _mean_sd(v):
+    m = sum(v) / len(v)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else None)
+
+
+def ablation_trend(results, key, seeds, metric="oracle_step"):
+    """One line: does this row move the headline metric against its comparison row as in the paper?
+    Ours is the mean paired (same seed) difference with its standard error; "within noise" when
+    |mean| <= 2 s.e.; with one seed only the sign can be compared."""
+    row = {a[0]: a for a in ABLATIONS}
+    _, _, _, vs, mmie, ib = row[key]
+    if vs is None:
+        return "reference row"
+    _, vs_label, _, _, vs_mmie, vs_ib = row[vs]
+    d = [results[f"{key}/seed{k}"][metric] - results[f"{vs}/seed{k}"][metric] for k in seeds
+         if f"{key}/seed{k}" in results and f"{vs}/seed{k}" in results]
+    if not d:
+        return f"vs {vs_label}: not run"
+    arrow = lambda x: "↑" if x > 0 else "↓" if x < 0 else "="
+    paper = ", ".join(f"{n} {b - a:+.2f}" for n, a, b in (("MMIE", vs_mmie, mmie), ("IB", vs_ib, ib)) if a is not None and b is not None)
+    m, sd = _mean_sd(d)
+    se = sd / math.sqrt(len(d)) if sd is not None else None
+    ours = f"{m:+.3f}" + (f" ± {se:.3f} s.e. ({len(d)} seeds)" if se is not None else " (1 seed)")
+    if all(x == 0 for x in d):
+        verdict = "flat: not reproduced"
+    elif se is not None and abs(m) <= 2 * se:
+        verdict = "within noise"
+    elif (m > 0) == (ib > vs_ib):
+        verdict = "agrees" if se is not None else "agrees in sign (1 seed, no spread)"
+    else:
+        verdict = "disagrees"
+    return f"vs {vs_label}: paper {arrow(ib - vs_ib)} ({paper}); ours {arrow(m)} {ours}: {verdict}"
+
+
+def ablation_table(results, keys, seeds):
+    """ONE markdown table: per row the paper's numbers, our metrics (mean ± sample std over seeds) and the trend."""
+    cols = ["setting", "paper MMIE", "paper IB"] + list(ABLATION_COLUMNS) + ["trend of oracle_step vs the paper"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for key, label, _, _, mmie, ib in ABLATIONS:
+        if key not in keys:
+            continue
+        runs = [results[f"{key}/seed{k}"] for k in seeds if f"{key}/seed{k}" in results]
+        cells = []
+        for c in ABLATION_COLUMNS:
+            m, sd = _mean_sd([r[c] for r in runs]) if runs else (None, None)
+            cells.append("–" if m is None else f"{m:.3f}" + (f" ± {sd:.3f}" if sd is not None else ""))
+        paper_mmie = "no valid interleaved output" if mmie is None else f"{mmie:.2f}"
+        lines.append(f"| {label} | {paper_mmie} | {ib:.2f} | " + " | ".join(cells) + f" | {ablation_trend(results, key, seeds)} |")
+    return "\n".join(lines)
+
+
+def _share(root, run):
+    """A row's out_dir sees the common prepared world and warm-up through links: nothing is copied or retrained."""
+    os.makedirs(run, exist_ok=True)
+    for name in ("prepare", "warmup"):
+        link = os.path.join(run, name)
+        if not os.path.lexists(link):
+            os.symlink(os.path.relpath(os.path.join(root, name), run), link, target_is_directory=True)
+
+
+def run_ablations(cfg, argv, n_seeds=3, only=""):
+    """Every ablation row x seed, resumable: one prepared world and one warm-up shared by all rows
+    (through unigrpo.main --stage warmup), each GRPO row through unigrpo.main --stage grpo in its own
+    OUT_DIR/ablations/ROW/seedK, every checkpoint evaluated with the same default scorers on the same
+    held-out prompts per seed. Finished (row, seed) results are kept in ablations.json and skipped on
+    a rerun; a killed GRPO run resumes from its checkpoint. Writes ablations.json and ablations.md."""
+    keys = [a[0] for a in ABLATIONS]
+    rows = [k.strip() for k in only.split(",") if k.strip()] or keys
+    if [k for k in rows if k not in keys] or n_seeds < 1:
+        raise SystemExit(f"error: --rows takes a comma-separated subset of {', '.join(keys)} (got {only!r}) and "
+                         f"--seeds a positive number (got {n_seeds})")
+    if cfg.kl_beta <= 0:
+        raise SystemExit("error: the ablations need --kl_beta > 0 (the KL rows use it; the no-KL row sets 0 itself)")
+    root = os.path.join(cfg.out_dir, "ablations")
+    path = os.path.join(root, "ablations.json")
+    settings = {k: v for k, v in vars(cfg).items() if k not in NOT_SETTINGS}
+    saved = {"settings": settings, "results": {}}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        diff = sorted(k for k in settings.keys() | saved["settings"].keys() if settings.get(k) != saved["settings"].get(k))
+        if diff:
+            raise SystemExit(f"error: {path} holds results made with other settings ("
+                             + ", ".join(f"--{k}={saved['settings'].get(k)!r}" for k in diff)
+                             + "); pass the same settings to continue it, or use another --out_dir")
+    print(f"[ablations] common start: prepared world and warm-up in {cfg.out_dir}")
+    unigrpo.main([*argv, f"--out_dir={cfg.out_dir}", "--stage=warmup"])
+    base = cfg.model or os.path.join(root, "base_model")  # an untrained start: the paper's "base model" row
+    if not cfg.model and not os.path.exists(os.path.join(base, "config.json")):
+        tok, vq, _ = unigrpo.load_prepared(cfg)
+        torch.manual_seed(cfg.seed)
+        unigrpo.save_checkpoint(unigrpo.UnifiedModel(unigrpo.tiny_janus(tok, vq, cfg), tok), base, {"iter": 0})
+    seeds = range(n_seeds)
+    todo = [(key, k) for key in rows for k in seeds]
+    for i, (key, k) in enumerate(todo, 1):
+        name, tag = f"{key}/seed{k}", f"[ablations {i}/{len(todo)}] {key} seed {k}"
+        if name in saved["results"]:
+            print(f"{tag}: finished earlier, skipped")
+            continue
+        flags = next(a[2] for a in ABLATIONS if a[0] == key)
+        t0 = time.time()
+        if flags is None:  # no GRPO: evaluate the untrained model or the common warm-up
+            ckpt = base if key == "base" else os.path.join(cfg.out_dir, "warmup")
+        else:
+            run = os.path.join(root, key, f"seed{k}")
+            _share(cfg.out_dir, run)
+            row = [*argv, f"--out_dir={run}", "--stage=grpo"] + [f"--{a}={v}" for a, v in {**FULL_METHOD, **flags, "seed": cfg.seed + k}.items()]
+            print(f"{tag}: GRPO, {cfg.grpo_iters} iters, as python unigrpo.py {' '.join(row)}")
+            unigrpo.main(row)
+            ckpt = os.path.join(run, "grpo")
+        print(f"{tag}: evaluating {ckpt} on {cfg.eval_prompts} held-out prompts")
+        res = evaluate_checkpoint(ckpt, SimpleNamespace(**{**vars(cfg), "seed": cfg.seed + k}), seed=cfg.seed + k)
+        saved["results"][name] = res
+        os.makedirs(root, exist_ok=True)
+        _dump_json(saved, path)  # after every row: a killed run loses at most the row in progress
+        print(f"{tag}: oracle_step {res['oracle_step']:.3f}, reward {res['reward']:.3f} ({time.time() - t0:.0f} s)")
+    table = ablation_table(saved["results"], rows, seeds)
+    cmd = " ".join(["python eval.py --ablations", f"--seeds={n_seeds}"] + ([f"--rows={only}"] if only else []) + argv)
+    md = (f"# Ablations in the toy world\n\n`{cmd}`\n\n"
+          f"GRPO iterations per row: {cfg.grpo_iters}; warm-up: {cfg.warmup_iters} iterations, shared by all rows; "
+          f"{cfg.eval_prompts} held-out prompts per evaluation; seeds {cfg.seed}..{cfg.seed + n_seeds - 1}.\n"
+          "Our cells: mean ± sample std over seeds (the seed changes GRPO's prompts and sampling and the evaluation's "
+          "prompts and sampling; the warm-up is one run). The headline is oracle_step (no reward model involved). "
+          "Every checkpoint is scored with the default r_t / r_v models, so the reward column is comparable across "
+          "rows. The paper's columns are MMIE AVG (%) and InterleavedBench AVG (0..5), a different metric on "
+          "different data: compare trends, not values.\n\n" + table + "\n")
+    with open(os.path.join(root, "ablations.md"), "w", encoding="utf-8") as f:
+        f.write(md)
+    print(table)
+    print(f"[ablations] wrote {path} and {os.path.join(root, 'ablations.md')}")
+    return saved
+
+# -----------------------------------------------------------------------------
 
 
 def parse_args(argv):
@@ -870,6 +1032,9 @@ def parse_args(argv):
     p.add_argument("--checkpoint", default="")
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--skip_bad", action="store_true")
+    p.add_argument("--ablations", action="store_true")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--rows", default="")
     return p.parse_known_args(argv)
 
 
@@ -887,7 +1052,11 @@ def main(argv=None):
         if not args.data_path:
             raise SystemExit(f"error: --benchmark {args.benchmark} needs --data_path DIR, the folder holding "
                              f"{BENCHMARKS[args.benchmark][1]} and its images (or the JSON file itself)")
+        if args.ablations:
+            raise SystemExit("error: --ablations and --benchmark are separate runs; pass one of them")
         return run_benchmark(cfg, args.benchmark, args.data_path, args.checkpoint, args.limit, args.skip_bad)
+    if args.ablations:
+        return run_ablations(cfg, rest, args.seeds, args.rows)
     results = {}
     for name in ("warmup", "grpo"):
         path = os.path.join(cfg.out_dir, name)

@@ -1,6 +1,7 @@
 """Benchmark I/O: MMIE and InterleavedBench loaders, writers, the official MMIE reading rules,
 aggregation, and the proxy aspects. All offline, on the fixtures of tests/make_fixtures.py."""
 import json
+import math
 import os
 import shutil
 
@@ -355,7 +356,7 @@ def test_proxy_image_coherence_uses_clip_embeddings():
     e = scorer.model.encode_image(x, normalize=True).detach()
     assert diff["image_coherence"] == pytest.approx(5 * float((e[0] @ e[1]).clamp(0, 1)), abs=1e-4)
 
-# --- the command line: python eval.py --benchmark NAME --data_path DIR
+# --- the command line: python eval.py --benchmark NAME --data_path DIR, and --ablations
 
 
 def tiny_prepare(root, model):
@@ -490,6 +491,8 @@ def _bad_json(tmp_path):
     (["--benchmark", "interleavedbench", "--data_path", _bad_json], "invalid JSON"),
     (["--benchmark", "interleavedbench", "--data_path", lambda t: broken_copy(t, IB_DIR, "interleaved_bench.json", _missing_image)],
      "record 1 (id 'storytelling_generation_0_12'): missing image file 'images/gone.png'"),
+    (["--ablations", "--rows", "warmup,nope"], "--rows takes a comma-separated subset of base, warmup"),
+    (["--ablations", "--kl_beta=0"], "need --kl_beta > 0"),
 ])
 def test_cli_errors_are_clear(tmp_path, args, message):
     args = [a(tmp_path) if callable(a) else str(tmp_path / a) if a == "NOWHERE" else a for a in args]
@@ -508,3 +511,81 @@ def test_benchmark_cli_skip_bad_lists_the_record(tmp_path, tiny_out, capsys):
     assert "record skipped" in capsys.readouterr().out
     assert [r["id"] for r in json.load(open(os.path.join(tiny_out, "bench", "interleavedbench", "predictions.json")))] == \
         ["wikihow_next_step_0_489157", "report_generation_0_7"]
+
+
+def test_ablation_trend_and_table_rules():
+    """Hand-made results: paired differences, spread, the verdicts, and the one table's rows and cells."""
+    r = lambda v: dict.fromkeys(E.ABLATION_COLUMNS, v)
+    res = {f"warmup/seed{k}": r(0.1) for k in range(3)}
+    res.update({"rf/seed0": r(0.3), "rf/seed1": r(0.4), "rf/seed2": r(0.5)})        # up, clearly: agrees
+    res.update({"rt/seed0": r(0.2), "rt/seed1": r(0.6), "rt/seed2": r(0.4)})        # vs rf: -0.1, +0.2, -0.1
+    res.update({f"rv/seed{k}": r(0.5) for k in range(3)})
+    res.update({f"full/seed{k}": r(0.0) for k in range(3)})                         # down from rv; the paper: up
+    res.update({f"kl_g2/seed{k}": r(0.0) for k in range(3)})                        # vs full: no change at all
+    seeds = range(3)
+    assert E.ablation_trend(res, "rf", seeds).endswith("ours ↑ +0.300 ± 0.058 s.e. (3 seeds): agrees")
+    assert "paper ↑ (MMIE +0.25, IB +0.08)" in E.ablation_trend(res, "rf", seeds)
+    assert E.ablation_trend(res, "rt", seeds).endswith("within noise")
+    assert E.ablation_trend(res, "full", seeds).endswith("disagrees")
+    assert E.ablation_trend(res, "kl_g2", seeds).endswith("flat: not reproduced")
+    assert E.ablation_trend(res, "warmup", seeds) == "vs base model, no warm-up, no GRPO: not run"
+    assert E.ablation_trend(res, "base", seeds) == "reference row"
+    assert E.ablation_trend({"rf/seed0": r(0.3), "warmup/seed0": r(0.1)}, "rf", [0]).endswith("agrees in sign (1 seed, no spread)")
+    table = E.ablation_table(res, ["warmup", "rf", "nokl_g2"], seeds).splitlines()
+    assert table[0] == ("| setting | paper MMIE | paper IB | " + " | ".join(E.ABLATION_COLUMNS)
+                        + " | trend of oracle_step vs the paper |") and len(table) == 5
+    rf = [c.strip() for c in table[3].strip("|").split("|")]
+    assert rf[:4] == ["warm-up + GRPO, r_f only", "53.56", "2.05", "0.400 ± 0.100"]
+    assert [c.strip() for c in table[4].strip("|").split("|")][:4] == ["no KL, G = 2", "53.04", "1.72", "–"]
+
+
+def test_ablations_smoke_and_resume(tmp_path, tiny, monkeypatch, capsys):
+    """Two rows, one seed, tiny budgets, through unigrpo's own CLI: the table has the right rows and
+    columns with real numbers, and a rerun skips the finished rows."""
+    import unigrpo
+    out = str(tmp_path / "abl")
+    tiny_prepare(out, tiny)
+    calls, evals = [], []
+    real_main, real_eval = unigrpo.main, E.evaluate_checkpoint
+    monkeypatch.setattr(unigrpo, "main", lambda argv: calls.append(argv) or real_main(argv))
+    monkeypatch.setattr(E, "evaluate_checkpoint", lambda *a, **k: evals.append(a[0]) or real_eval(*a, **k))
+    args = ["--ablations", "--seeds=1", "--rows=warmup,rf", f"--out_dir={out}", "--warmup_iters=2", "--warmup_batch_size=4",
+            "--n_understanding=10", "--grpo_iters=1", "--prompts_per_step=1", "--max_new_tokens=40", "--eval_prompts=3",
+            "--storyboard_interval=1000"]
+    E.main(args)
+    first = capsys.readouterr().out
+    root = os.path.join(out, "ablations")
+    md = open(os.path.join(root, "ablations.md")).read()
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 4 and md.count("| setting |") == 1  # one table: header, rule, two rows
+    head = [c.strip() for c in table[0].strip("|").split("|")]
+    assert head == ["setting", "paper MMIE", "paper IB", *E.ABLATION_COLUMNS, "trend of oracle_step vs the paper"]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    assert [c[:3] for c in cells] == [["warm-up only", "53.31", "1.97"], ["warm-up + GRPO, r_f only", "53.56", "2.05"]]
+    for c in cells:
+        vals = {k: float(x) for k, x in zip(E.ABLATION_COLUMNS, c[3:-1])}
+        assert all(0 <= v <= (3 if k == "reward" else 1) for k, v in vals.items())  # the reward sums three terms
+    assert cells[1][-1].startswith("vs warm-up only: paper ↑")
+    saved = json.load(open(os.path.join(root, "ablations.json")))
+    assert sorted(saved["results"]) == ["rf/seed0", "warmup/seed0"]
+    for res in saved["results"].values():
+        assert all(isinstance(res[c], float) and math.isfinite(res[c]) for c in E.ABLATION_COLUMNS)
+    # the common start, then the r_f-only row in its own out_dir, through the CLI's flags, from the shared warm-up
+    assert calls[0][-1] == "--stage=warmup" and len(calls) == 2
+    rf = calls[1]
+    assert f"--out_dir={os.path.join(root, 'rf', 'seed0')}" in rf and "--stage=grpo" in rf
+    assert {"--use_text_reward=False", "--use_visual_reward=False", "--process_reward=False", "--group_size=4"} <= set(rf)
+    assert os.path.realpath(os.path.join(root, "rf", "seed0", "warmup")) == os.path.realpath(os.path.join(out, "warmup"))
+    assert evals == [os.path.join(out, "warmup"), os.path.join(root, "rf", "seed0", "grpo")]
+    assert "[ablations 2/2] rf seed 0" in first
+    # rerun: nothing is trained or evaluated again
+    stamp = os.path.getmtime(os.path.join(root, "rf", "seed0", "grpo", "trainer_state.pt"))
+    calls.clear()
+    evals.clear()
+    E.main(args)
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 2
+    assert evals == [] and [c[-1] for c in calls] == ["--stage=warmup"]
+    assert os.path.getmtime(os.path.join(root, "rf", "seed0", "grpo", "trainer_state.pt")) == stamp
+    assert json.load(open(os.path.join(root, "ablations.json")))["results"] == saved["results"]
+    with pytest.raises(SystemExit, match="other settings.*--grpo_iters=1"):
+        E.main(args + ["--grpo_iters=2"])
