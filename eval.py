@@ -1,7 +1,19 @@
 """
-Evaluation: the toy benchmark with its oracle, retained abilities, and every stage checkpoint.
+Evaluation: the toy benchmark with its oracle, retained abilities, the paper's ablation table,
+and MMIE / InterleavedBench from local copies.
 
-    python eval.py --out_dir out            # every checkpoint found in out/ on the same held-out prompts
+    python eval.py --out_dir out                    # every stage checkpoint in out/ on the same held-out prompts
+    python eval.py --ablations --out_dir out        # the paper's ablation table in the toy world (--seeds 3, --rows ...)
+    python eval.py --benchmark mmie --data_path DIR # generate, write the official scorer's input, print a PROXY score
+    python eval.py --benchmark interleavedbench --data_path DIR
+
+eval.py's own flags: --benchmark mmie|interleavedbench, --data_path DIR (or the JSON file),
+--checkpoint PATH (default: the latest stage in --out_dir, grpo/ then warmup/), --limit N (first N
+records), --skip_bad (skip and list malformed records instead of stopping), --ablations,
+--seeds N (default 3), --rows KEY,KEY (a subset of the ablation rows: base, warmup, rf, rt, rv,
+full, nokl_g2, kl_g2, weak_rv). Every other flag is a unigrpo.py config key (python unigrpo.py
+--help) and applies to every stage and ablation row, e.g. the budget: --grpo_iters, --warmup_iters,
+--prompts_per_step, --eval_prompts.
 
 The ORACLE is the honest number: no reward model is involved. For every expected answer step it
 reads the generated text with the grammar parser and the generated image with the pixel-level
@@ -13,15 +25,20 @@ A CLIP reward that rises while the oracle stays flat is reward hacking.
 Retained abilities (the paper's MME-P / GenEval analogs): understanding accuracy (image in,
 description out, parsed) and text-to-image accuracy (description in, image read back by the oracle).
 """
+import argparse
 import json
+import math
 import os
 import re
 import shutil
 import sys
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 import data
 import rewards
@@ -62,6 +79,19 @@ def evaluate_interleaved(model, examples, critic, scorer, cfg, seed=0):
 
 
 @torch.no_grad()
+def sample_answers(model, prompts, cfg, generator, batch=32, desc=None):
+    """One sampled answer per prompt, as segments (images PIL; None for a grid cut short by a limit).
+    Prompt images may be paths; they are loaded one batch at a time."""
+    out = []
+    for i in tqdm(range(0, len(prompts), batch), desc=desc, disable=True if desc is None else None):
+        ro = unigrpo.sample_interleaved(model, [load_segment_images(p) for p in prompts[i:i + batch]], cfg.temperature,
+                                        cfg.max_new_tokens, cfg.max_text_tokens, cfg.max_images, generator=generator,
+                                        cfg_scale=cfg.cfg_scale)
+        out += [segs for segs, _ in unigrpo.decode_rollout(model, ro)]
+    return out
+
+
+@torch.no_grad()
 def evaluate_retained(model, cfg, n, seed=0):
     """Understanding accuracy and text-to-image accuracy by the oracle."""
     g = torch.Generator(device=model.device).manual_seed(seed)
@@ -71,12 +101,8 @@ def evaluate_retained(model, cfg, n, seed=0):
     first = lambda segs, kind: next((x for k, x in segs if k == kind), None)  # the answer's first text / image
     for name, ex, check in (("understanding_acc", und, lambda segs, s: data.parse(first(segs, "text") or "") == s),
                             ("t2i_acc", t2i, lambda segs, s: (im := first(segs, "image")) is not None and data.parse_image(im) == s)):
-        ok = 0
-        for i in range(0, n, 32):
-            ro = unigrpo.sample_interleaved(model, [e.prompt for e in ex[i:i + 32]], cfg.temperature, cfg.max_new_tokens,
-                                            cfg.max_text_tokens, cfg.max_images, generator=g, cfg_scale=cfg.cfg_scale)
-            ok += sum(check(segs, e.states[0]) for (segs, _), e in zip(unigrpo.decode_rollout(model, ro), ex[i:i + 32]))
-        res[name] = ok / n
+        answers = sample_answers(model, [e.prompt for e in ex], cfg, g)
+        res[name] = sum(check(segs, e.states[0]) for segs, e in zip(answers, ex)) / n
     return res
 
 
@@ -85,12 +111,14 @@ def eval_prompts(cfg, n):
     return [e for t in ("story", "howto", "continuation") for e in data.make_examples(t, per, "eval", seed=cfg.seed, image_size=cfg.image_size)]
 
 
-def evaluate_checkpoint(path, cfg, n=None, critic_scorer=None):
+def evaluate_checkpoint(path, cfg, n=None, critic_scorer=None, seed=0):
+    """The toy benchmark and retained abilities of one checkpoint; `seed` picks the sampling noise
+    (the held-out prompts follow cfg.seed)."""
     n = n or cfg.eval_prompts
     model = unigrpo.load_model(path, unigrpo.resolve_device(cfg)).eval()
     critic, scorer = critic_scorer or unigrpo.build_scorers(cfg, model.tokenizer, model.device)
-    out = evaluate_interleaved(model, eval_prompts(cfg, n), critic, scorer, cfg)
-    out.update(evaluate_retained(model, cfg, n))
+    out = evaluate_interleaved(model, eval_prompts(cfg, n), critic, scorer, cfg, seed)
+    out.update(evaluate_retained(model, cfg, n, seed))
     return out
 
 
@@ -101,24 +129,6 @@ def markdown_table(results):
     head = "| checkpoint | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS)
     body = [f"| {name} | " + " | ".join(f"{r[c]:.3f}" for c in COLUMNS) + " |" for name, r in results.items()]
     return "\n".join([head] + body)
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = unigrpo.get_config(argv)
-    results = {}
-    for name in ("warmup", "grpo"):
-        path = os.path.join(cfg.out_dir, name)
-        if os.path.exists(os.path.join(path, "config.json")):
-            results[name] = evaluate_checkpoint(path, cfg)
-            print(f"{name}: {json.dumps(results[name])}")
-    if not results:
-        raise SystemExit(f"error: no checkpoints in {cfg.out_dir}; run python unigrpo.py --stage grpo --out_dir {cfg.out_dir} first")
-    table = markdown_table(results)
-    print(table)
-    with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    return results
 
 
 # -----------------------------------------------------------------------------
@@ -469,21 +479,28 @@ def mmie_scorer_view(record, input_dir=None):
     if input_dir/path exists (the official reader prints "not found" and skips it), and images are
     returned joined to input_dir; without it every non-null image counts.
     """
+    return _mmie_read(record, input_dir)[:3]
+
+
+def _mmie_read(record, input_dir=None):
+    """mmie_scorer_view's reading loop; also returns the answer segments the judge reads (for the proxy)."""
     exists = (lambda p: True) if input_dir is None else (lambda p: os.path.exists(os.path.join(input_dir, p)))
     where = (lambda p: p) if input_dir is None else (lambda p: os.path.join(input_dir, p))
-    images, texts = [], ["", ""]
+    images, texts, read = [], ["", ""], []
     for part, segs in enumerate((record["question"], record.get("answer") or [])):
         for text, image in _scorer_pairs(segs):
             if text is not None:
                 texts[part] += text + "\n"
+                read += [("text", text)] if part else []
             if part == 1 and len(images) >= MMIE_IMAGE_CUTOFF:
                 break
             if image is not None and exists(image):
                 texts[part] += f"Image-{len(images)}: <image>\n"
                 images.append(where(image))
+                read += [("image", images[-1])] if part else []
             if part == 1 and len(images) >= MMIE_IMAGE_CUTOFF:
                 break
-    return texts[0], texts[1], images
+    return texts[0], texts[1], images, read
 
 
 def mmie_dropped(record, input_dir=None):
@@ -731,6 +748,329 @@ def proxy_mmie_score(aspects):
     """A PROXY MMIE score on 0..6 (continuous): the mean of the five proxy aspects rescaled from 0..5.
     MMIE-Score's rubrics differ per category; this does not model them. Label it "proxy"."""
     return 6 * sum(aspects[a] for a in IB_ASPECTS) / (5 * len(IB_ASPECTS))
+
+
+# --- the benchmark command: generate, write the official scorer's input, proxy score
+
+BENCHMARKS = {"mmie": (load_mmie, "data.json"), "interleavedbench": (load_interleavedbench, "interleaved_bench.json")}
+OFFICIAL = {
+    "mmie": "To score officially with the MMIE-Eval judge (MMIE-Score, a fine-tuned InternVL2-4B; one GPU), from a clone\n"
+            "of github.com/Lillianwei-h/MMIE (judge weights: see its README):\n"
+            "    python main.py --model_path PATH_TO_MMIE-Eval --input_dir {folder} --input_name data.json\n"
+            "It prints SA / PBL / MSR / AVG on 0..6 (percent = x / 6 * 100) and writes eval_outputs/eval_result.json.",
+    "interleavedbench": "To score officially: InterleavedBench's judge is GPT-4o (an API key), run by the script released with the\n"
+            "benchmark (mqliu/InterleavedBench). Its exact input layout is not published in a form we could read, so\n"
+            "{folder}/predictions.json is a complete record to convert from: per id, the task_name and the output\n"
+            "segments in generated order ({{\"text\": ...}} or {{\"image\": \"images/<id>_<k>.png\"}}). Report the five\n"
+            "aspects on 0..5 and their mean, without the two text aspects on editing / composition tasks.",
+}
+
+
+def latest_checkpoint(out_dir):
+    for name in ("grpo", "warmup"):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(os.path.join(path, "config.json")):
+            return path
+    raise SystemExit(f"error: no checkpoint in {out_dir} (looked for grpo/ and warmup/); train one with "
+                     f"python unigrpo.py --stage grpo --out_dir {out_dir}, or pass --checkpoint PATH")
+
+
+def proxy_mmie(folder, scorer):
+    """PROXY scores of a written MMIE scorer-input folder, on exactly what the official judge reads
+    (answer cut off after 3 images, >4-image samples dropped), aggregated by the official rules."""
+    with open(os.path.join(folder, "data.json"), encoding="utf-8") as f:
+        rows = json.load(f)
+    scores, cats, dropped = {}, {}, []
+    for row in rows:
+        _, _, images, answer = _mmie_read(row, folder)
+        if len(images) > MMIE_MAX_IMAGES:
+            dropped.append(row["id"])
+            continue
+        question = " ".join(t for t, _ in _scorer_pairs(row["question"]) if t)
+        scores[row["id"]] = proxy_mmie_score(proxy_aspects(load_segment_images(answer), question, scorer))
+        cats[row["id"]] = mmie_category(row["id"])
+    agg = aggregate_mmie(scores, cats, label="proxy")
+    agg.update(n_dropped=len(dropped), dropped_ids=dropped)
+    return agg, scores
+
+
+def proxy_interleavedbench(folder, records, scorer):
+    """PROXY aspects of a written InterleavedBench predictions folder, aggregated by the official rules."""
+    prompt = {r["id"]: " ".join(x for k, x in r["prompt"] if k == "text") for r in records}
+    aspects, tasks = {}, {}
+    for row in load_interleavedbench_outputs(folder):
+        aspects[row["id"]] = proxy_aspects(load_segment_images(row["output"]), prompt[row["id"]], scorer)
+        tasks[row["id"]] = row["task_name"]
+    return aggregate_interleavedbench(aspects, tasks, label="proxy"), aspects
+
+
+def format_proxy(name, agg):
+    if name == "mmie":
+        cell = lambda c: "n/a" if agg[c]["percent"] is None else f"{agg[c]['percent']:.1f}%"
+        parts = [f"{c} {cell(c)} (n {agg[c]['n']})" for c in MMIE_CATEGORIES + ("AVG",)]
+        return ("PROXY MMIE (our own reward models, NOT MMIE-Score: not comparable with published numbers): "
+                + " | ".join(parts) + f"; AVG weighted by category size; {agg['n_dropped']} dropped by the official "
+                f">{MMIE_MAX_IMAGES}-image rule, {agg['n_invalid']} invalid")
+    cell = lambda v: "n/a" if v is None else f"{v:.2f}"
+    return ("PROXY InterleavedBench (our own reward models, NOT the GPT-4o judge: not comparable with published "
+            "numbers), 0..5: " + " | ".join(f"{a} {cell(agg[a])}" for a in IB_ASPECTS + ("AVG",))
+            + f" (n {agg['n_valid']}; text aspects left out on editing / composition)")
+
+
+def run_benchmark(cfg, name, data_path, checkpoint="", limit=0, skip_bad=False):
+    """Read a benchmark's local copy, answer every record with one checkpoint (context images through
+    the understanding path), write OUT_DIR/bench/NAME in the official scorer's input layout, and
+    print and save (OUT_DIR/bench/NAME_proxy.json) a PROXY score computed from what was written."""
+    loader, file = BENCHMARKS[name]
+    try:
+        records, skipped = loader(data_path, strict=not skip_bad)
+    except BenchmarkFormatError as err:
+        raise SystemExit(f"error: {err}\nfix that record (layout: README, Benchmarks), or pass --skip_bad to skip "
+                         "malformed records and list them") from None
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    for note in skipped:
+        print(f"{name}: {note}")
+    records = records[:limit] if limit > 0 else records
+    if not records:
+        raise SystemExit(f"error: no readable records in {data_path}")
+    ckpt = checkpoint or latest_checkpoint(cfg.out_dir)
+    dev = unigrpo.resolve_device(cfg)
+    model = unigrpo.load_model(ckpt, dev, getattr(torch, cfg.dtype)).eval()
+    if cfg.visual_scorer in ("clip", "clip_weak") and not os.path.isdir(os.path.join(cfg.out_dir, "prepare", cfg.visual_scorer)):
+        raise SystemExit(f"error: the proxy needs the visual scorer {cfg.out_dir}/prepare/{cfg.visual_scorer}; pass the "
+                         "--out_dir of the run that trained the checkpoint, or --visual_scorer openclip:ARCH/PRETRAINED")
+    # only the visual scorer is used: the toy critic stands in so that a VLM critic is never loaded for nothing
+    _, scorer = unigrpo.build_scorers(SimpleNamespace(**{**vars(cfg), "text_critic": "toy"}), model.tokenizer, dev)
+    prompts = [r["question"] if name == "mmie" else r["prompt"] for r in records]
+    unk = model.tokenizer.unk_token_id
+    ids = [i for p in prompts for k, x in p if k == "text" for i in model.tokenizer(x, add_special_tokens=False).input_ids]
+    unk_frac = sum(i == unk for i in ids) / max(1, len(ids)) if unk is not None else 0.0
+    if unk_frac > 0:
+        print(f"{name}: {unk_frac:.0%} of the {len(ids)} prompt text tokens are {model.tokenizer.unk_token} for this "
+              "checkpoint's tokenizer: the model cannot read that text (the toy world knows its own words only), so "
+              "the outputs check the pipeline and the layout, not the method")
+    g = torch.Generator(device=model.device).manual_seed(cfg.seed)
+    # the GRPO sampling batch: a batch size known to fit this model's memory
+    answers = sample_answers(model, prompts, cfg, g, batch=cfg.prompts_per_step * cfg.group_size, desc=f"{name}: generate")
+    folder = os.path.join(cfg.out_dir, "bench", name)
+    model_name = "unigrpo-" + os.path.basename(os.path.normpath(ckpt))
+    unigrpo.atomic_dir(folder, (lambda d: write_mmie_outputs(records, answers, model_name, d)) if name == "mmie" else
+                       (lambda d: write_interleavedbench_outputs(records, answers, d)))
+    agg, per_sample = proxy_mmie(folder, scorer) if name == "mmie" else proxy_interleavedbench(folder, records, scorer)
+    print(f"{name}: {len(records)} answers by {ckpt} written to {folder} ({file if name == 'mmie' else 'predictions.json'} + images/)")
+    print(format_proxy(name, agg))
+    print(OFFICIAL[name].format(folder=folder))
+    result = dict(benchmark=name, label="proxy", checkpoint=ckpt, data_path=data_path, n_records=len(records),
+                  unk_fraction=unk_frac, skipped=skipped, aggregate=agg, per_sample=per_sample)
+    _dump_json(result, os.path.join(cfg.out_dir, "bench", f"{name}_proxy.json"))
+    return result
+
+# -----------------------------------------------------------------------------
+# The paper's ablation table, reproduced in the toy world
+
+# (key, the paper's setting, unigrpo flags on top of FULL_METHOD, the row it is compared with,
+#  the paper's MMIE AVG (%), InterleavedBench AVG (0..5)). Each GRPO row is the full method with the
+# paper's changes for that row; the paper's CLIP-instead-of-ImageReward row becomes the tiny CLIP
+# trained 1/10 as long (clip_weak) instead of the default one.
+ABLATIONS = (
+    ("base", "base model, no warm-up, no GRPO", None, None, None, 0.51),
+    ("warmup", "warm-up only", None, "base", 53.31, 1.97),
+    ("rf", "warm-up + GRPO, r_f only", dict(use_text_reward=False, use_visual_reward=False, process_reward=False),
+     "warmup", 53.56, 2.05),
+    ("rt", "+ r_t", dict(use_visual_reward=False, process_reward=False), "rf", 54.62, 2.30),
+    ("rv", "+ r_v", dict(process_reward=False), "rt", 57.83, 2.79),
+    ("full", "+ process reward (full method)", {}, "rv", 59.50, 3.13),
+    ("nokl_g2", "no KL, G = 2", dict(kl_beta=0.0, group_size=2), "kl_g2", 53.04, 1.72),
+    ("kl_g2", "KL, G = 2", dict(group_size=2), "full", 55.14, 2.27),
+    ("weak_rv", "KL, G = 4, weaker r_v scorer (paper: CLIP score)", dict(visual_scorer="clip_weak"), "full", 56.94, 2.58),
+)
+FULL_METHOD = dict(use_format_reward=True, use_text_reward=True, use_visual_reward=True, process_reward=True, group_size=4)
+ABLATION_COLUMNS = ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "understanding_acc", "t2i_acc")
+NOT_SETTINGS = ("out_dir", "stage", "dry_run", "log_interval", "ckpt_interval", "storyboard_interval")  # no effect on results
+
+
+def _mean_sd(v):
+    m = sum(v) / len(v)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else None)
+
+
+def ablation_trend(results, key, seeds, metric="oracle_step"):
+    """One line: does this row move the headline metric against its comparison row as in the paper?
+    Ours is the mean paired (same seed) difference with its standard error; "within noise" when
+    |mean| <= 2 s.e.; with one seed only the sign can be compared."""
+    row = {a[0]: a for a in ABLATIONS}
+    _, _, _, vs, mmie, ib = row[key]
+    if vs is None:
+        return "reference row"
+    _, vs_label, _, _, vs_mmie, vs_ib = row[vs]
+    d = [results[f"{key}/seed{k}"][metric] - results[f"{vs}/seed{k}"][metric] for k in seeds
+         if f"{key}/seed{k}" in results and f"{vs}/seed{k}" in results]
+    if not d:
+        return f"vs {vs_label}: not run"
+    arrow = lambda x: "↑" if x > 0 else "↓" if x < 0 else "="
+    paper = ", ".join(f"{n} {b - a:+.2f}" for n, a, b in (("MMIE", vs_mmie, mmie), ("IB", vs_ib, ib)) if a is not None and b is not None)
+    m, sd = _mean_sd(d)
+    se = sd / math.sqrt(len(d)) if sd is not None else None
+    ours = f"{m:+.3f}" + (f" ± {se:.3f} s.e. ({len(d)} seeds)" if se is not None else " (1 seed)")
+    if all(x == 0 for x in d):
+        verdict = "flat: not reproduced"
+    elif se is not None and abs(m) <= 2 * se:
+        verdict = "within noise"
+    elif (m > 0) == (ib > vs_ib):
+        verdict = "agrees" if se is not None else "agrees in sign (1 seed, no spread)"
+    else:
+        verdict = "disagrees"
+    return f"vs {vs_label}: paper {arrow(ib - vs_ib)} ({paper}); ours {arrow(m)} {ours}: {verdict}"
+
+
+def ablation_table(results, keys, seeds):
+    """ONE markdown table: per row the paper's numbers, our metrics (mean ± sample std over seeds) and the trend."""
+    cols = ["setting", "paper MMIE", "paper IB"] + list(ABLATION_COLUMNS) + ["trend of oracle_step vs the paper"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for key, label, _, _, mmie, ib in ABLATIONS:
+        if key not in keys:
+            continue
+        runs = [results[f"{key}/seed{k}"] for k in seeds if f"{key}/seed{k}" in results]
+        cells = []
+        for c in ABLATION_COLUMNS:
+            m, sd = _mean_sd([r[c] for r in runs]) if runs else (None, None)
+            cells.append("–" if m is None else f"{m:.3f}" + (f" ± {sd:.3f}" if sd is not None else ""))
+        paper_mmie = "no valid interleaved output" if mmie is None else f"{mmie:.2f}"
+        lines.append(f"| {label} | {paper_mmie} | {ib:.2f} | " + " | ".join(cells) + f" | {ablation_trend(results, key, seeds)} |")
+    return "\n".join(lines)
+
+
+def _share(root, run):
+    """A row's out_dir sees the common prepared world and warm-up through links: nothing is copied or retrained."""
+    os.makedirs(run, exist_ok=True)
+    for name in ("prepare", "warmup"):
+        link = os.path.join(run, name)
+        if not os.path.lexists(link):
+            os.symlink(os.path.relpath(os.path.join(root, name), run), link, target_is_directory=True)
+
+
+def run_ablations(cfg, argv, n_seeds=3, only=""):
+    """Every ablation row x seed, resumable: one prepared world and one warm-up shared by all rows
+    (through unigrpo.main --stage warmup), each GRPO row through unigrpo.main --stage grpo in its own
+    OUT_DIR/ablations/ROW/seedK, every checkpoint evaluated with the same default scorers on the same
+    held-out prompts per seed. Finished (row, seed) results are kept in ablations.json and skipped on
+    a rerun; a killed GRPO run resumes from its checkpoint. Writes ablations.json and ablations.md."""
+    keys = [a[0] for a in ABLATIONS]
+    rows = [k.strip() for k in only.split(",") if k.strip()] or keys
+    if [k for k in rows if k not in keys] or n_seeds < 1:
+        raise SystemExit(f"error: --rows takes a comma-separated subset of {', '.join(keys)} (got {only!r}) and "
+                         f"--seeds a positive number (got {n_seeds})")
+    if cfg.kl_beta <= 0:
+        raise SystemExit("error: the ablations need --kl_beta > 0 (the KL rows use it; the no-KL row sets 0 itself)")
+    root = os.path.join(cfg.out_dir, "ablations")
+    path = os.path.join(root, "ablations.json")
+    settings = {k: v for k, v in vars(cfg).items() if k not in NOT_SETTINGS}
+    saved = {"settings": settings, "results": {}}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        diff = sorted(k for k in settings.keys() | saved["settings"].keys() if settings.get(k) != saved["settings"].get(k))
+        if diff:
+            raise SystemExit(f"error: {path} holds results made with other settings ("
+                             + ", ".join(f"--{k}={saved['settings'].get(k)!r}" for k in diff)
+                             + "); pass the same settings to continue it, or use another --out_dir")
+    print(f"[ablations] common start: prepared world and warm-up in {cfg.out_dir}")
+    unigrpo.main([*argv, f"--out_dir={cfg.out_dir}", "--stage=warmup"])
+    base = cfg.model or os.path.join(root, "base_model")  # an untrained start: the paper's "base model" row
+    if not cfg.model and not os.path.exists(os.path.join(base, "config.json")):
+        tok, vq, _ = unigrpo.load_prepared(cfg)
+        torch.manual_seed(cfg.seed)
+        unigrpo.save_checkpoint(unigrpo.UnifiedModel(unigrpo.tiny_janus(tok, vq, cfg), tok), base, {"iter": 0})
+    seeds = range(n_seeds)
+    todo = [(key, k) for key in rows for k in seeds]
+    for i, (key, k) in enumerate(todo, 1):
+        name, tag = f"{key}/seed{k}", f"[ablations {i}/{len(todo)}] {key} seed {k}"
+        if name in saved["results"]:
+            print(f"{tag}: finished earlier, skipped")
+            continue
+        flags = next(a[2] for a in ABLATIONS if a[0] == key)
+        t0 = time.time()
+        if flags is None:  # no GRPO: evaluate the untrained model or the common warm-up
+            ckpt = base if key == "base" else os.path.join(cfg.out_dir, "warmup")
+        else:
+            run = os.path.join(root, key, f"seed{k}")
+            _share(cfg.out_dir, run)
+            row = [*argv, f"--out_dir={run}", "--stage=grpo"] + [f"--{a}={v}" for a, v in {**FULL_METHOD, **flags, "seed": cfg.seed + k}.items()]
+            print(f"{tag}: GRPO, {cfg.grpo_iters} iters, as python unigrpo.py {' '.join(row)}")
+            unigrpo.main(row)
+            ckpt = os.path.join(run, "grpo")
+        print(f"{tag}: evaluating {ckpt} on {cfg.eval_prompts} held-out prompts")
+        res = evaluate_checkpoint(ckpt, SimpleNamespace(**{**vars(cfg), "seed": cfg.seed + k}), seed=cfg.seed + k)
+        saved["results"][name] = res
+        os.makedirs(root, exist_ok=True)
+        _dump_json(saved, path)  # after every row: a killed run loses at most the row in progress
+        print(f"{tag}: oracle_step {res['oracle_step']:.3f}, reward {res['reward']:.3f} ({time.time() - t0:.0f} s)")
+    table = ablation_table(saved["results"], rows, seeds)
+    cmd = " ".join(["python eval.py --ablations", f"--seeds={n_seeds}"] + ([f"--rows={only}"] if only else []) + argv)
+    md = (f"# Ablations in the toy world\n\n`{cmd}`\n\n"
+          f"GRPO iterations per row: {cfg.grpo_iters}; warm-up: {cfg.warmup_iters} iterations, shared by all rows; "
+          f"{cfg.eval_prompts} held-out prompts per evaluation; seeds {cfg.seed}..{cfg.seed + n_seeds - 1}.\n"
+          "Our cells: mean ± sample std over seeds (the seed changes GRPO's prompts and sampling and the evaluation's "
+          "prompts and sampling; the warm-up is one run). The headline is oracle_step (no reward model involved). "
+          "Every checkpoint is scored with the default r_t / r_v models, so the reward column is comparable across "
+          "rows. The paper's columns are MMIE AVG (%) and InterleavedBench AVG (0..5), a different metric on "
+          "different data: compare trends, not values.\n\n" + table + "\n")
+    with open(os.path.join(root, "ablations.md"), "w", encoding="utf-8") as f:
+        f.write(md)
+    print(table)
+    print(f"[ablations] wrote {path} and {os.path.join(root, 'ablations.md')}")
+    return saved
+
+# -----------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    """eval.py's own flags; everything else goes to unigrpo.get_config (type-checked there)."""
+    p = argparse.ArgumentParser(prog="eval.py", add_help=False, allow_abbrev=False)  # no abbreviations: --seed is unigrpo's
+    p.add_argument("--benchmark", default="")
+    p.add_argument("--data_path", default="")
+    p.add_argument("--checkpoint", default="")
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--skip_bad", action="store_true")
+    p.add_argument("--ablations", action="store_true")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--rows", default="")
+    return p.parse_known_args(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(__doc__)
+        raise SystemExit(0)
+    args, rest = parse_args(argv)
+    cfg = unigrpo.get_config(rest)
+    if args.benchmark or args.data_path:
+        if args.benchmark not in BENCHMARKS:
+            raise SystemExit(f"error: {'unknown --benchmark ' + repr(args.benchmark) if args.benchmark else '--data_path needs --benchmark'}"
+                             f"; choose one of {', '.join(BENCHMARKS)}")
+        if not args.data_path:
+            raise SystemExit(f"error: --benchmark {args.benchmark} needs --data_path DIR, the folder holding "
+                             f"{BENCHMARKS[args.benchmark][1]} and its images (or the JSON file itself)")
+        if args.ablations:
+            raise SystemExit("error: --ablations and --benchmark are separate runs; pass one of them")
+        return run_benchmark(cfg, args.benchmark, args.data_path, args.checkpoint, args.limit, args.skip_bad)
+    if args.ablations:
+        return run_ablations(cfg, rest, args.seeds, args.rows)
+    results = {}
+    for name in ("warmup", "grpo"):
+        path = os.path.join(cfg.out_dir, name)
+        if os.path.exists(os.path.join(path, "config.json")):
+            results[name] = evaluate_checkpoint(path, cfg)
+            print(f"{name}: {json.dumps(results[name])}")
+    if not results:
+        raise SystemExit(f"error: no checkpoints in {cfg.out_dir}; run python unigrpo.py --stage grpo --out_dir {cfg.out_dir} first")
+    table = markdown_table(results)
+    print(table)
+    with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Benchmark I/O: MMIE and InterleavedBench loaders, writers, the official MMIE reading rules,
 aggregation, and the proxy aspects. All offline, on the fixtures of tests/make_fixtures.py."""
 import json
+import math
 import os
 import shutil
 
@@ -354,3 +355,237 @@ def test_proxy_image_coherence_uses_clip_embeddings():
     x = torch.stack([scorer.preprocess(a), scorer.preprocess(b)])
     e = scorer.model.encode_image(x, normalize=True).detach()
     assert diff["image_coherence"] == pytest.approx(5 * float((e[0] @ e[1]).clamp(0, 1)), abs=1e-4)
+
+# --- the command line: python eval.py --benchmark NAME --data_path DIR, and --ablations
+
+
+def tiny_prepare(root, model):
+    """OUT/prepare as unigrpo's `prepare` leaves it, from the tiny model's own (untrained) parts and
+    untrained CLIPs: seconds instead of a minute of training, enough for the plumbing."""
+    import rewards
+    p = os.path.join(root, "prepare")
+    model.tokenizer.save_pretrained(os.path.join(p, "tokenizer"))
+    model.janus.model.vqmodel.save_pretrained(os.path.join(p, "vq"))
+    for name in ("clip", "clip_weak"):
+        rewards.save_clip(rewards.build_toy_clip(rewards.toy_clip_config(model.tokenizer), model.tokenizer), os.path.join(p, name))
+
+
+@pytest.fixture(scope="module")
+def tiny_out(tmp_path_factory, tiny):
+    """An out_dir with a prepared world and the tiny model saved as its warm-up checkpoint."""
+    import unigrpo
+    out = str(tmp_path_factory.mktemp("bench_run"))
+    tiny_prepare(out, tiny)
+    unigrpo.save_checkpoint(tiny, os.path.join(out, "warmup"), {"iter": 1})
+    return out
+
+
+@pytest.fixture
+def images_early(monkeypatch):
+    """Checkpoints load with <begin_of_image> made likely, so that answers hold generated images too."""
+    import unigrpo
+    from conftest import bias_text_logits
+    real = unigrpo.load_model
+
+    def load(*a, **k):
+        m = real(*a, **k)
+        bias_text_logits(m, boi_id=3.0)
+        return m
+    monkeypatch.setattr(unigrpo, "load_model", load)
+
+
+def test_benchmark_cli_mmie_end_to_end(tiny_out, images_early, capsys):
+    import unigrpo
+    res = E.main(["--benchmark", "mmie", "--data_path", MMIE_DIR, "--out_dir", tiny_out, "--max_new_tokens=120"])
+    printed = capsys.readouterr().out
+    folder = os.path.join(tiny_out, "bench", "mmie")
+    recs, _ = E.load_mmie(MMIE_DIR)
+    rows = json.load(open(os.path.join(folder, "data.json")))
+    # exactly the official scorer's input: one JSON list, these keys, relative paths under images/
+    assert [r["id"] for r in rows] == [r["id"] for r in recs]
+    m = unigrpo.load_model(os.path.join(tiny_out, "warmup"), "cpu")
+    size = m.vq_decode(torch.zeros(1, m.n_image_tokens, dtype=torch.long))[0].size  # what a generated image decodes to
+    generated = 0
+    for row, rec in zip(rows, recs):
+        assert list(row) == ["id", "question", "answer", "model", "gt_answer"] and row["model"] == "unigrpo-warmup"
+        assert row["gt_answer"] == [{"text": rec["gt"] if rec["category"] == "MSR" else None, "image": None}]
+        for seg in row["question"] + row["answer"]:
+            assert set(seg) == {"text", "image"} and (seg["text"] is None) != (seg["image"] is None)
+            if seg["image"] is not None:
+                assert seg["image"].startswith("images/") and os.path.isfile(os.path.join(folder, seg["image"]))
+        # the question is the benchmark's, images copied pixel for pixel
+        assert [(s["text"], s["image"] is None) for s in row["question"]] == [(x if k == "text" else None, k == "text")
+                                                                              for k, x in rec["question"]]
+        for s, (k, x) in zip(row["question"], rec["question"]):
+            assert k == "text" or pixels(os.path.join(folder, s["image"])) == pixels(x)
+        for s in row["answer"]:
+            if s["image"] is not None:
+                generated += 1
+                with Image.open(os.path.join(folder, s["image"])) as im:
+                    assert im.format == "PNG" and im.size == size
+            else:  # the toy tokenizer writes its own words only (never <unk> or other specials)
+                assert "<" not in s["text"]
+    assert generated > 0
+    back, _ = E.load_mmie(folder)  # re-reads through the scorer-input branch
+    assert [b["layout"] for b in back] == ["scorer"] * len(recs)
+    # the proxy: labelled, on what the judge reads, SA-1002 dropped by the >4-image rule
+    agg = res["aggregate"]
+    assert res["label"] == agg["label"] == "proxy" and agg["dropped_ids"] == ["SA-1002"]
+    assert sorted(res["per_sample"]) == sorted(r["id"] for r in recs if r["id"] != "SA-1002")
+    assert agg["n_valid"] == 5 and agg["AVG"]["mean"] == pytest.approx(sum(res["per_sample"].values()) / 5)
+    assert json.load(open(os.path.join(tiny_out, "bench", "mmie_proxy.json")))["aggregate"]["AVG"] == agg["AVG"]
+    assert 0 < res["unk_fraction"] < 1 and "<unk>" in printed
+    assert "PROXY MMIE" in printed and "NOT MMIE-Score" in printed
+    assert f"python main.py --model_path PATH_TO_MMIE-Eval --input_dir {folder} --input_name data.json" in printed
+
+
+def test_benchmark_cli_interleavedbench_end_to_end(tiny_out, images_early, capsys):
+    ckpt = os.path.join(tiny_out, "warmup")
+    res = E.main(["--benchmark=interleavedbench", f"--data_path={IB_DIR}", f"--checkpoint={ckpt}", "--out_dir", tiny_out,
+                  "--max_new_tokens=120"])
+    printed = capsys.readouterr().out
+    folder = os.path.join(tiny_out, "bench", "interleavedbench")
+    recs, _ = E.load_interleavedbench(IB_DIR)
+    rows = json.load(open(os.path.join(folder, "predictions.json")))
+    assert [(r["id"], r["task_name"]) for r in rows] == [(r["id"], r["task_name"]) for r in recs]
+    assert all(list(r) == ["id", "task_name", "output"] for r in rows)
+    back = E.load_interleavedbench_outputs(folder)
+    images = [x for b in back for k, x in b["output"] if k == "image"]
+    assert images and all(os.path.isfile(x) for x in images)
+    # the official rule: editing / composition drop their text aspects from every average
+    per, agg = res["per_sample"], res["aggregate"]
+    scored = [r["id"] for r in recs if E.ib_text_aspects_scored(r["task_name"])]
+    assert len(scored) == 3 and agg["n_valid"] == 5 and agg["label"] == "proxy"
+    assert agg["text_quality"] == pytest.approx(sum(per[i]["text_quality"] for i in scored) / 3)
+    assert agg["AVG"] == pytest.approx(sum(
+        sum(v for a, v in per[r["id"]].items() if E.ib_text_aspects_scored(r["task_name"]) or a not in E.IB_TEXT_ASPECTS)
+        / (5 if E.ib_text_aspects_scored(r["task_name"]) else 3) for r in recs) / 5)
+    assert "PROXY InterleavedBench" in printed and "predictions.json" in printed and ckpt in printed
+
+
+def test_latest_checkpoint(tmp_path):
+    with pytest.raises(SystemExit, match="--checkpoint"):
+        E.latest_checkpoint(str(tmp_path))
+    for stage in ("warmup", "grpo"):
+        os.makedirs(tmp_path / stage)
+        (tmp_path / stage / "config.json").write_text("{}")
+        assert E.latest_checkpoint(str(tmp_path)) == str(tmp_path / stage)
+
+
+def _missing_image(rs):
+    rs[1]["image"][0] = "images/gone.png"
+
+
+def _bad_json(tmp_path):
+    d = tmp_path / "ib"
+    d.mkdir()
+    (d / "interleaved_bench.json").write_text('[{"id": "a",}]')
+    return str(d)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--benchmark", "foo", "--data_path", MMIE_DIR], "unknown --benchmark 'foo'; choose one of mmie, interleavedbench"),
+    (["--benchmark", "mmie"], "--benchmark mmie needs --data_path DIR"),
+    (["--data_path", MMIE_DIR], "--data_path needs --benchmark"),
+    (["--benchmark", "mmie", "--data_path", "NOWHERE"], "not found; pass the folder that holds data.json"),
+    (["--benchmark", "interleavedbench", "--data_path", _bad_json], "invalid JSON"),
+    (["--benchmark", "interleavedbench", "--data_path", lambda t: broken_copy(t, IB_DIR, "interleaved_bench.json", _missing_image)],
+     "record 1 (id 'storytelling_generation_0_12'): missing image file 'images/gone.png'"),
+    (["--ablations", "--rows", "warmup,nope"], "--rows takes a comma-separated subset of base, warmup"),
+    (["--ablations", "--kl_beta=0"], "need --kl_beta > 0"),
+])
+def test_cli_errors_are_clear(tmp_path, args, message):
+    args = [a(tmp_path) if callable(a) else str(tmp_path / a) if a == "NOWHERE" else a for a in args]
+    with pytest.raises(SystemExit) as err:
+        E.main(args + ["--out_dir", str(tmp_path)])
+    assert message in str(err.value), str(err.value)
+    if "missing image" in message:
+        assert "--skip_bad" in str(err.value)  # and says how to get past it
+
+
+def test_benchmark_cli_skip_bad_lists_the_record(tmp_path, tiny_out, capsys):
+    d = broken_copy(tmp_path, IB_DIR, "interleaved_bench.json", _missing_image)
+    res = E.main(["--benchmark", "interleavedbench", "--data_path", d, "--skip_bad", "--limit=2", "--out_dir", tiny_out,
+                  "--max_new_tokens=20"])
+    assert res["n_records"] == 2 and len(res["skipped"]) == 1 and "storytelling_generation_0_12" in res["skipped"][0]
+    assert "record skipped" in capsys.readouterr().out
+    assert [r["id"] for r in json.load(open(os.path.join(tiny_out, "bench", "interleavedbench", "predictions.json")))] == \
+        ["wikihow_next_step_0_489157", "report_generation_0_7"]
+
+
+def test_ablation_trend_and_table_rules():
+    """Hand-made results: paired differences, spread, the verdicts, and the one table's rows and cells."""
+    r = lambda v: dict.fromkeys(E.ABLATION_COLUMNS, v)
+    res = {f"warmup/seed{k}": r(0.1) for k in range(3)}
+    res.update({"rf/seed0": r(0.3), "rf/seed1": r(0.4), "rf/seed2": r(0.5)})        # up, clearly: agrees
+    res.update({"rt/seed0": r(0.2), "rt/seed1": r(0.6), "rt/seed2": r(0.4)})        # vs rf: -0.1, +0.2, -0.1
+    res.update({f"rv/seed{k}": r(0.5) for k in range(3)})
+    res.update({f"full/seed{k}": r(0.0) for k in range(3)})                         # down from rv; the paper: up
+    res.update({f"kl_g2/seed{k}": r(0.0) for k in range(3)})                        # vs full: no change at all
+    seeds = range(3)
+    assert E.ablation_trend(res, "rf", seeds).endswith("ours ↑ +0.300 ± 0.058 s.e. (3 seeds): agrees")
+    assert "paper ↑ (MMIE +0.25, IB +0.08)" in E.ablation_trend(res, "rf", seeds)
+    assert E.ablation_trend(res, "rt", seeds).endswith("within noise")
+    assert E.ablation_trend(res, "full", seeds).endswith("disagrees")
+    assert E.ablation_trend(res, "kl_g2", seeds).endswith("flat: not reproduced")
+    assert E.ablation_trend(res, "warmup", seeds) == "vs base model, no warm-up, no GRPO: not run"
+    assert E.ablation_trend(res, "base", seeds) == "reference row"
+    assert E.ablation_trend({"rf/seed0": r(0.3), "warmup/seed0": r(0.1)}, "rf", [0]).endswith("agrees in sign (1 seed, no spread)")
+    table = E.ablation_table(res, ["warmup", "rf", "nokl_g2"], seeds).splitlines()
+    assert table[0] == ("| setting | paper MMIE | paper IB | " + " | ".join(E.ABLATION_COLUMNS)
+                        + " | trend of oracle_step vs the paper |") and len(table) == 5
+    rf = [c.strip() for c in table[3].strip("|").split("|")]
+    assert rf[:4] == ["warm-up + GRPO, r_f only", "53.56", "2.05", "0.400 ± 0.100"]
+    assert [c.strip() for c in table[4].strip("|").split("|")][:4] == ["no KL, G = 2", "53.04", "1.72", "–"]
+
+
+def test_ablations_smoke_and_resume(tmp_path, tiny, monkeypatch, capsys):
+    """Two rows, one seed, tiny budgets, through unigrpo's own CLI: the table has the right rows and
+    columns with real numbers, and a rerun skips the finished rows."""
+    import unigrpo
+    out = str(tmp_path / "abl")
+    tiny_prepare(out, tiny)
+    calls, evals = [], []
+    real_main, real_eval = unigrpo.main, E.evaluate_checkpoint
+    monkeypatch.setattr(unigrpo, "main", lambda argv: calls.append(argv) or real_main(argv))
+    monkeypatch.setattr(E, "evaluate_checkpoint", lambda *a, **k: evals.append(a[0]) or real_eval(*a, **k))
+    args = ["--ablations", "--seeds=1", "--rows=warmup,rf", f"--out_dir={out}", "--warmup_iters=2", "--warmup_batch_size=4",
+            "--n_understanding=10", "--grpo_iters=1", "--prompts_per_step=1", "--max_new_tokens=40", "--eval_prompts=3",
+            "--storyboard_interval=1000"]
+    E.main(args)
+    first = capsys.readouterr().out
+    root = os.path.join(out, "ablations")
+    md = open(os.path.join(root, "ablations.md")).read()
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 4 and md.count("| setting |") == 1  # one table: header, rule, two rows
+    head = [c.strip() for c in table[0].strip("|").split("|")]
+    assert head == ["setting", "paper MMIE", "paper IB", *E.ABLATION_COLUMNS, "trend of oracle_step vs the paper"]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    assert [c[:3] for c in cells] == [["warm-up only", "53.31", "1.97"], ["warm-up + GRPO, r_f only", "53.56", "2.05"]]
+    for c in cells:
+        vals = {k: float(x) for k, x in zip(E.ABLATION_COLUMNS, c[3:-1])}
+        assert all(0 <= v <= (3 if k == "reward" else 1) for k, v in vals.items())  # the reward sums three terms
+    assert cells[1][-1].startswith("vs warm-up only: paper ↑")
+    saved = json.load(open(os.path.join(root, "ablations.json")))
+    assert sorted(saved["results"]) == ["rf/seed0", "warmup/seed0"]
+    for res in saved["results"].values():
+        assert all(isinstance(res[c], float) and math.isfinite(res[c]) for c in E.ABLATION_COLUMNS)
+    # the common start, then the r_f-only row in its own out_dir, through the CLI's flags, from the shared warm-up
+    assert calls[0][-1] == "--stage=warmup" and len(calls) == 2
+    rf = calls[1]
+    assert f"--out_dir={os.path.join(root, 'rf', 'seed0')}" in rf and "--stage=grpo" in rf
+    assert {"--use_text_reward=False", "--use_visual_reward=False", "--process_reward=False", "--group_size=4"} <= set(rf)
+    assert os.path.realpath(os.path.join(root, "rf", "seed0", "warmup")) == os.path.realpath(os.path.join(out, "warmup"))
+    assert evals == [os.path.join(out, "warmup"), os.path.join(root, "rf", "seed0", "grpo")]
+    assert "[ablations 2/2] rf seed 0" in first
+    # rerun: nothing is trained or evaluated again
+    stamp = os.path.getmtime(os.path.join(root, "rf", "seed0", "grpo", "trainer_state.pt"))
+    calls.clear()
+    evals.clear()
+    E.main(args)
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 2
+    assert evals == [] and [c[-1] for c in calls] == ["--stage=warmup"]
+    assert os.path.getmtime(os.path.join(root, "rf", "seed0", "grpo", "trainer_state.pt")) == stamp
+    assert json.load(open(os.path.join(root, "ablations.json")))["results"] == saved["results"]
+    with pytest.raises(SystemExit, match="other settings.*--grpo_iters=1"):
+        E.main(args + ["--grpo_iters=2"])
