@@ -15,7 +15,7 @@ the warm-up model.
 Read top to bottom: config, model wrapper, interleaved sampler, log-probs, warm-up, GRPO maths,
 GRPO loop, checkpoints/storyboards, main.
 """
-import copy, difflib, io, json, math, os, shutil, sys, time, base64, random
+import base64, contextlib, copy, datetime, difflib, io, json, math, os, random, shutil, sys, time
 from ast import literal_eval
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -834,7 +834,8 @@ def save_checkpoint(model, path, state):
 
 def load_state(path):
     if not os.path.exists(path) and os.path.exists(path + ".old"):
-        os.replace(path + ".old", path)  # a crash between the two renames of atomic_dir
+        with contextlib.suppress(FileNotFoundError):  # another rank may have done it first
+            os.replace(path + ".old", path)  # a crash between the two renames of atomic_dir
     f = os.path.join(path, "trainer_state.pt")
     return torch.load(f, weights_only=False) if os.path.exists(f) else None
 
@@ -961,12 +962,10 @@ def format_memory(est):
              f"{'this config: ' + est['selected']:30}{'full fine-tune':>14}{'LoRA r=' + str(est['lora_rank']):>14}"]
     lines += [f"{k:30}{gb(v)}" for k, v in est["table"].items()] + [f"{'peak':30}{gb(est['peak'])}"]
     return "\n".join(lines + [
-        "full: float32 master weights, gradients and AdamW (bf16 autocast), the reference a frozen copy in --dtype;",
-        f"LoRA: the base in --dtype plus {est['lora_params'] / 1e6:.0f}M float32 adapter weights on every trunk linear layer, "
-        "the reference = the base with adapters off.",
-        "activations: bytes saved for backward per token (layer inputs only with --grad_checkpointing), SDPA attention;",
-        "peak = resident state + the larger of (activations + logits) and the sampling KV cache, which is freed before the update;",
-        "not counted: reward models (openclip ViT-L-14 ~1.7 GB in float32), CUDA context (~0.5 GB), fragmentation.",
+        f"full: float32 weights, gradients, AdamW (bf16 autocast), a --dtype reference copy; LoRA: the base in --dtype, "
+        f"{est['lora_params'] / 1e6:.0f}M float32 adapter weights on the trunk's linear layers, no reference copy (adapters off).",
+        "activations: saved per token (only layer inputs with --grad_checkpointing), SDPA; peak = resident + the larger of "
+        "activations + logits and the sampling KV cache; not counted: reward models (ViT-L-14 ~1.7 GB), CUDA context.",
         "FSDP is not implemented: DDP keeps all of the above on every GPU; where full fine-tune exceeds 80 GB, use --lora_rank."])
 
 
@@ -982,7 +981,8 @@ def ddp_init(cfg):
     cuda = resolve_device(cfg).startswith("cuda")
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" then means this rank's GPU
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    # a long timeout: the others wait while the master alone runs `prepare` or samples a storyboard
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
     if rank() > 0:
         sys.stdout = open(os.devnull, "w")  # one voice: the master prints; errors still reach stderr
     return True
@@ -1062,6 +1062,8 @@ def main(argv=None):
         print(json.dumps(vars(cfg), indent=2))
         print(format_memory(memory_estimate(cfg)))
         return cfg
+    if cfg.lora_rank:  # the key exists for the memory estimate; training with adapters comes with peft support
+        raise SystemExit("error: --lora_rank is not implemented in training yet (only --dry_run estimates it); use --lora_rank=0")
     ddp = ddp_init(cfg)
     # per-rank seeds, as nanoGPT; the model's initial weights and the rollouts do not depend on them
     torch.manual_seed(cfg.seed + rank()); random.seed(cfg.seed + rank())
