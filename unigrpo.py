@@ -15,7 +15,7 @@ the warm-up model.
 Read top to bottom: config, model wrapper, interleaved sampler, log-probs, warm-up, GRPO maths,
 GRPO loop, checkpoints/storyboards, main.
 """
-import contextlib, copy, difflib, importlib.util, io, json, math, os, shutil, sys, time, base64, random
+import base64, contextlib, copy, datetime, difflib, importlib.util, io, json, math, os, random, shutil, sys, time
 from ast import literal_eval
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -84,17 +84,20 @@ text_critic = "toy"       # toy | a HF id / folder of a VLM critic (full scale)
 # eval
 eval_prompts = 64
 # system
-dtype = "float32"         # float32 | bfloat16 (GPU)
+dtype = "float32"         # float32 | bfloat16: bf16 autocast (GPU); trained weights and AdamW stay float32
+grad_checkpointing = False  # recompute decoder layers in backward: less activation memory (GPU, long rollouts)
 cpu_threads = 1           # torch threads on CPU; the toy model's small matmuls run fastest on one
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 DEFAULTS = {k: globals()[k] for k in config_keys}
 PRESETS = {  # the paper's recipe, one flag away (see README, "Full scale")
     "janus-pro-1b": dict(model="deepseek-community/Janus-Pro-1B", image_size=384, patch_size=16, group_size=4,
                          prompts_per_step=8, lr=1e-6, kl_beta=0.04, inner_epochs=1, dtype="bfloat16",
-                         visual_scorer="openclip:ViT-L-14/openai", max_new_tokens=2600, max_text_tokens=256, cfg_scale=3.0),
+                         visual_scorer="openclip:ViT-L-14/openai", max_new_tokens=2600, max_text_tokens=256, cfg_scale=3.0,
+                         grad_checkpointing=True),
     "janus-pro-7b": dict(model="deepseek-community/Janus-Pro-7B", image_size=384, patch_size=16, group_size=4,
                          prompts_per_step=4, lr=1e-6, kl_beta=0.04, inner_epochs=1, dtype="bfloat16",
-                         visual_scorer="openclip:ViT-L-14/openai", max_new_tokens=2600, max_text_tokens=256, cfg_scale=3.0),
+                         visual_scorer="openclip:ViT-L-14/openai", max_new_tokens=2600, max_text_tokens=256, cfg_scale=3.0,
+                         grad_checkpointing=True),
 }
 # -----------------------------------------------------------------------------
 
@@ -286,6 +289,23 @@ def tiny_janus(tokenizer, vq, cfg):
     return janus
 
 
+# Janus-Pro's language trunks (DeepSeek-LLM, as in the released config.json): hidden, MLP, layers, heads.
+# Both have a 102400-token vocabulary, SigLIP-L/16 at 384 px for understanding and a 16384-code VQ for
+# generation (transformers' JanusConfig defaults): 2.08B and 7.41B parameters in all.
+JANUS_PRO = {"janus-pro-1b": (2048, 5632, 24, 16), "janus-pro-7b": (4096, 11008, 30, 32)}
+
+
+def janus_pro_config(name):
+    """Janus-Pro's architecture written out (no download): for --dry_run and tests/gpu_check.py."""
+    from transformers import JanusConfig
+    H, I, L, A = JANUS_PRO[name]
+    return JanusConfig(text_config=dict(model_type="llama", hidden_size=H, intermediate_size=I, num_hidden_layers=L,
+                                        num_attention_heads=A, num_key_value_heads=A, vocab_size=102400,
+                                        max_position_embeddings=16384, tie_word_embeddings=False),
+                       vision_config=dict(projection_dim=H), vq_config=dict(projection_dim=H, image_token_embed_dim=H),
+                       tie_word_embeddings=False)
+
+
 def load_model(path, device, dtype=torch.float32, lora_rank=None, lora_alpha=16, four_bit=None):
     """Any Janus folder saved by save_pretrained (ours or a hub id) with its tokenizer, or a LoRA checkpoint
     of ours (adapter_config.json: adapters over the base it names). lora_rank=None keeps a checkpoint's
@@ -400,7 +420,9 @@ def sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max_
     The model decides where an image goes by emitting <begin_of_image>; then exactly
     n_image_tokens codes are sampled and <end_of_image> is forced; a row stops at EOS or a limit.
     CFG (cfg_scale != 1): rows B..2B-1 of every forward are the unconditional twins of rows 0..B-1, kept in
-    step through text too since any step may open an image; with cfg_scale == 1 there are no extra rows."""
+    step through text too since any step may open an image; with cfg_scale == 1 there are no extra rows.
+    `generator`: one torch.Generator for the batch, or a list of them, one per group of consecutive rows
+    (then a row's draws depend on its group's seed alone, not on which rows share its batch: DDP)."""
     dev = model.device
     prompt_ids, prompt_mask, context = pad_prompts(model, prompts)
     prompt_ids, prompt_mask = prompt_ids.to(dev), prompt_mask.to(dev)
@@ -424,7 +446,11 @@ def sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max_
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     out = {k: [] for k in ("ids", "is_image", "step", "logp", "mask")}
+    V = max(model.janus.config.text_config.vocab_size, model.janus.config.vq_config.num_embeddings)
     for _ in range(max_new_tokens):
+        # Gumbel-max: argmax(log p + g) is a draw from p. g is drawn for every row at every step, so a row's
+        # stream does not depend on the other rows' modes or lengths
+        gumbel = -torch.log(-torch.log(_uniform(B, V, generator, dev)))
         in_image = (img_left > 0) & ~done
         in_text = ~in_image & ~force_eoi & ~done
         tok = torch.full((B,), model.pad_id, dtype=torch.long, device=dev)
@@ -432,7 +458,7 @@ def sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max_
         for rows, image in ((in_text, False), (in_image, True)):
             if rows.any():  # each head only on the rows in its mode
                 logp_all = head_logprobs(model, h[:B][rows], image, temperature, h[B:][rows] if guided else None, cfg_scale)
-                t = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
+                t = (logp_all + gumbel[rows, :logp_all.shape[-1]]).argmax(-1)
                 tok[rows], lp[rows] = t, logp_all.gather(-1, t[:, None]).squeeze(-1)
         tok = torch.where(force_eoi & ~done, model.eoi_id, tok)
         cur_step = step.clone()
@@ -463,6 +489,12 @@ def sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max_
         next_pos = next_pos + 1
     st = {k: torch.stack(v, 1) for k, v in out.items()}
     return Rollout(prompt_ids[:B], prompt_mask[:B], context[:B], st["ids"], st["is_image"], st["step"], st["logp"], st["mask"], finished)
+
+
+def _uniform(B, V, generator, dev):
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.rand(B // len(generator), V, generator=g, device=dev) for g in generator])
+    return torch.rand(B, V, generator=generator, device=dev)
 
 
 def decode_rollout(model, ro):
@@ -572,12 +604,15 @@ def warmup(cfg, log):
         model = load_model(ckpt, dev, getattr(torch, cfg.dtype))
         print(f"warm-up: resuming from {ckpt} at iter {state['iter']}")
     elif cfg.model:
-        model = load_model(cfg.model, dev, getattr(torch, cfg.dtype), cfg.lora_rank, cfg.lora_alpha)
+        # float32 master weights (bf16 autocast computes): a bf16 weight would swallow small updates
+        model = load_model(cfg.model, dev, torch.float32, cfg.lora_rank, cfg.lora_alpha)
     else:
         tok, vq, _ = load_prepared(cfg)
         model = UnifiedModel(tiny_janus(tok, vq, cfg).to(dev), tok)
         if cfg.lora_rank:
             print("warm-up: the toy model trains from scratch, so all of it trains; --lora_rank applies from GRPO on")
+    broadcast_from_master(model)
+    model = for_training(model, cfg)
     if cfg.warmup_data:
         mix = data.load_jsonl(cfg.warmup_data)
     else:
@@ -591,26 +626,32 @@ def warmup(cfg, log):
         torch.set_rng_state(state["rng"])
     rng = random.Random(cfg.seed + start)
     model.train()
-    for it in tqdm(range(start, cfg.warmup_iters), desc="warm-up", initial=start, total=cfg.warmup_iters, disable=None):
+    for it in tqdm(range(start, cfg.warmup_iters), desc="warm-up", initial=start, total=cfg.warmup_iters, disable=None if rank() == 0 else True):
         lr_it = cfg.warmup_lr * min(1.0, (it + 1) / 50) * 0.5 * (1 + math.cos(math.pi * it / cfg.warmup_iters))  # linear warmup, cosine decay
         for g in opt.param_groups:
             g["lr"] = lr_it
         t0 = time.time()
-        pick = rng.sample(range(len(mix)), min(cfg.warmup_batch_size, len(mix)))
+        pick = rng.sample(range(len(mix)), min(cfg.warmup_batch_size, len(mix)))  # the global batch, on every rank
+        pick = pick[rank()::world_size()]  # this rank's share
         batch = make_batch(model, [mix[i] for i in pick], [answers[i] for i in pick])
-        logp, _ = sequence_logprobs(model, batch)
+        with autocast(cfg, dev):
+            logp, _ = sequence_logprobs(model, batch)
         m = batch.mask.to(dev)
-        loss = -(logp * m).sum() / m.sum()
+        # token mean over the global batch: each rank divides by the global count / world size, DDP averages
+        loss = -(logp * m).sum() / (all_sum(m.sum()) / world_size())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"warm-up loss is {loss.item()} at iter {it}; lower --warmup_lr (now {cfg.warmup_lr}) or check the data")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(params)
         gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         if it % cfg.log_interval == 0 or it == cfg.warmup_iters - 1:
             img = batch.is_image.to(dev) & m.bool()
-            log(dict(stage="warmup", iter=it, loss=loss.item(), loss_text=-(logp[m.bool() & ~img]).mean().item(),
-                     loss_image=-(logp[img]).mean().item() if img.any() else 0.0, grad_norm=gn.item(), lr=lr_it, sec=time.time() - t0))
+            txt = m.bool() & ~img
+            row = dict(loss=loss.item(), loss_text=-(logp[txt]).mean().item(), loss_image=-(logp[img]).mean().item() if img.any() else 0.0,
+                       grad_norm=gn.item(), lr=lr_it, sec=time.time() - t0)
+            log(dict(stage="warmup", iter=it, **mean_over_ranks(row, dict(loss_text=txt.sum().item(), loss_image=img.sum().item()))))
         if (it + 1) % cfg.ckpt_interval == 0 or it + 1 == cfg.warmup_iters:
             save_checkpoint(model, ckpt, dict(iter=it + 1, optimizer=opt.state_dict(), rng=torch.get_rng_state()))
     model.eval()
@@ -650,9 +691,10 @@ def k3_kl(logp, ref_logp):
     return torch.exp(d) - d - 1
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_beta=0.04, loss_type="sequence"):
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_beta=0.04, loss_type="sequence", n_tokens=None):
     """The unified clipped objective, over text and image tokens of one trajectory alike:
-    J = mean_i 1/|o_i| sum_t [min(r A, clip(r, 1-eps, 1+eps) A) - beta KL_t]; returns -J and stats."""
+    J = mean_i 1/|o_i| sum_t [min(r A, clip(r, 1-eps, 1+eps) A) - beta KL_t]; returns -J and stats.
+    n_tokens: the token-level denominator (default mask.sum(); under DDP the global count / world size)."""
     ratio = torch.exp(logp - old_logp)
     surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages)
     kl = k3_kl(logp, ref_logp) if kl_beta > 0 else torch.zeros_like(logp)
@@ -660,7 +702,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_beta=
     if loss_type == "sequence":  # the paper: average over each trajectory's tokens, then over trajectories
         J = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
     else:  # token level (DAPO-style): long trajectories weigh more
-        J = (per_token * mask).sum() / mask.sum().clamp(min=1)
+        J = (per_token * mask).sum() / (mask.sum() if n_tokens is None else n_tokens).clamp(min=1)
     with torch.no_grad():
         m = mask.bool()
         clipped = ((ratio < 1 - clip_eps) & (advantages < 0)) | ((ratio > 1 + clip_eps) & (advantages > 0))
@@ -714,14 +756,18 @@ def grpo(cfg, log):
         print(f"grpo: complete checkpoint found in {ckpt}")
         return
     torch.manual_seed(cfg.seed)
+    # float32 master weights under bf16 autocast; with LoRA only the adapters train, so the frozen base
+    # may sit in the compute dtype
     dtype = getattr(torch, cfg.dtype)
-    policy = load_model(ckpt, dev, dtype) if state else load_model(init, dev, dtype, cfg.lora_rank, cfg.lora_alpha)
+    pdtype = dtype if cfg.lora_rank else torch.float32
+    policy = load_model(ckpt, dev, pdtype) if state else load_model(init, dev, pdtype, cfg.lora_rank, cfg.lora_alpha)
+    policy = for_training(policy, cfg)
     lora = getattr(policy, "lora", None) is not None
     if state and lora != (cfg.lora_rank > 0):
         raise SystemExit(f"error: {ckpt} was trained {'with' if lora else 'without'} LoRA; "
                          "resume with the same --lora_rank or use a new --out_dir")
     # the reference is the frozen warm-up model: with LoRA the policy's own base (adapters off, see
-    # reference_logprobs), else a second copy; with kl_beta = 0 it is never loaded
+    # reference_logprobs), else a second copy in the compute dtype; with kl_beta = 0 it is never loaded
     ref = None if cfg.kl_beta <= 0 else policy if lora else load_model(init, dev, dtype, 0).requires_grad_(False)
     critic, scorer = build_scorers(cfg, policy.tokenizer, dev)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
@@ -733,9 +779,13 @@ def grpo(cfg, log):
     prompts_pool = rl_prompts(cfg)
     rng = random.Random(cfg.seed + 1000 + start)
     score_fn = lambda ro, group: score_rollout(policy, ro, group, critic, scorer, cfg)
-    for it in tqdm(range(start, cfg.grpo_iters), desc="grpo", initial=start, total=cfg.grpo_iters, disable=None):
-        examples = rng.sample(prompts_pool, cfg.prompts_per_step)
-        metrics = grpo_step(policy, ref, opt, examples, score_fn, cfg)
+    k = cfg.prompts_per_step // world_size()
+    mine = range(rank() * k, (rank() + 1) * k)  # this rank's prompts of the global batch
+    for it in tqdm(range(start, cfg.grpo_iters), desc="grpo", initial=start, total=cfg.grpo_iters, disable=None if rank() == 0 else True):
+        examples = rng.sample(prompts_pool, cfg.prompts_per_step)  # the global batch: the same draw on every rank
+        # rollout noise is a function of (seed, iter, prompt), not of the rank layout: N processes sample what one does
+        gens = [torch.Generator(dev).manual_seed(((cfg.seed * 1_000_003 + it) * 1_000_003 + p) % 2**63) for p in mine]
+        metrics = grpo_step(policy, ref, opt, [examples[p] for p in mine], score_fn, cfg, gens)
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"GRPO loss is {metrics['loss']} at iter {it}; lower --lr (now {cfg.lr}) or check the rewards")
         if it % cfg.log_interval == 0 or it + 1 == cfg.grpo_iters:
@@ -746,15 +796,19 @@ def grpo(cfg, log):
             write_storyboard(policy, cfg, "grpo", it + 1)
 
 
-def grpo_step(policy, ref, opt, examples, score_fn, cfg):
+def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
     """One GRPO iteration: sample G rollouts per prompt, score them, advantages, inner epochs of the
-    clipped objective. score_fn(rollout, examples) -> dict with "reward" [B] and "step_tensor" [B, S]."""
+    clipped objective. score_fn(rollout, examples) -> dict with "reward" [B] and "step_tensor" [B, S].
+    Under DDP `examples` are this rank's prompts (whole groups, so advantages need no communication);
+    gradients and metrics are averaged over ranks so that they equal one process on the global batch."""
     dev, G = policy.device, cfg.group_size
     group = [e for e in examples for _ in range(G)]  # a group = G rollouts of one prompt, adjacent rows
+    amp = lambda: autocast(cfg, dev)
     t0 = time.time()
     policy.eval()
-    ro = sample_interleaved(policy, [e.prompt for e in group], cfg.temperature, cfg.max_new_tokens, cfg.max_text_tokens, cfg.max_images,
-                            cfg_scale=cfg.cfg_scale)
+    with amp():
+        ro = sample_interleaved(policy, [e.prompt for e in group], cfg.temperature, cfg.max_new_tokens,
+                                cfg.max_text_tokens, cfg.max_images, generator, cfg.cfg_scale)
     t1 = time.time()
     sc = score_fn(ro, group)
     R = sc["reward"].float()
@@ -763,21 +817,27 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg):
         adv = adv + process_advantages(sc["step_tensor"], ro.step.cpu(), G)
     adv = adv.to(dev)
     t2 = time.time()
-    ref_logp = reference_logprobs(ref, ro, cfg) if ref is not None else None  # once per batch
+    with amp():
+        ref_logp = reference_logprobs(ref, ro, cfg) if ref is not None else None  # once per batch
     old_logp, mask = ro.logp.to(dev), ro.mask.to(dev)  # old log-probs come from the sampler, not recomputed
+    # 'token' loss: ranks hold different token counts, so each divides by the global count / world size
+    # and the rank-averaged gradient is the global token mean's ('sequence': equal rows per rank suffice)
+    n_tokens = all_sum(mask.sum()) / world_size()
     t3 = time.time()
     policy.train()
     params = [p for g in opt.param_groups for p in g["params"]]
     nan = float("nan")  # what the metrics say when a non-finite loss stops the update before a step
     first, gn = dict(entropy=nan, kl=nan), torch.tensor(nan)
     for epoch in range(cfg.inner_epochs):
-        logp, ent = sequence_logprobs(policy, ro, cfg.temperature, with_entropy=epoch == 0, cfg_scale=cfg.cfg_scale)
+        with amp():
+            logp, ent = sequence_logprobs(policy, ro, cfg.temperature, with_entropy=epoch == 0, cfg_scale=cfg.cfg_scale)
         loss, st = grpo_loss(logp, old_logp, ref_logp if ref_logp is not None else logp.detach(), adv, mask,
-                             cfg.clip_eps, cfg.kl_beta, cfg.loss_type)
-        if not torch.isfinite(loss):
+                             cfg.clip_eps, cfg.kl_beta, cfg.loss_type, n_tokens)
+        if all_sum(torch.isfinite(loss).float()) < world_size():  # every rank stops together
             break
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(params)
         gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         if epoch == 0:  # KL and entropy of the policy that sampled (the ratio is 1 here)
@@ -785,13 +845,15 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg):
     policy.eval()
     t4 = time.time()
     r, m = R.view(-1, G), ro.mask.bool()
-    return {"reward": R.mean().item(), "reward_std": r.std(1).mean().item(),
-            **{f"rewards/{k}/mean": sc[k].float().mean().item() for k in ("format", "text", "visual") if k in sc},
-            "kl": first["kl"], "clip_ratio": st["clip_ratio"], "entropy": first["entropy"], "loss": loss.item(),
-            "grad_norm": gn.item(), "frac_reward_zero_std": (r.std(1) < 1e-6).float().mean().item(),
-            "completions/mean_text_tokens": (m & ~ro.is_image).sum(1).float().mean().item(),
-            "completions/mean_image_tokens": (m & ro.is_image).sum(1).float().mean().item(),
-            "time/sampling": t1 - t0, "time/scoring": t2 - t1, "time/reference": t3 - t2, "time/update": t4 - t3}
+    metrics = {"reward": R.mean().item(), "reward_std": r.std(1).mean().item(),
+               **{f"rewards/{k}/mean": sc[k].float().mean().item() for k in ("format", "text", "visual") if k in sc},
+               "kl": first["kl"], "clip_ratio": st["clip_ratio"], "entropy": first["entropy"], "loss": loss.item(),
+               "grad_norm": gn.item(), "frac_reward_zero_std": (r.std(1) < 1e-6).float().mean().item(),
+               "completions/mean_text_tokens": (m & ~ro.is_image).sum(1).float().mean().item(),
+               "completions/mean_image_tokens": (m & ro.is_image).sum(1).float().mean().item(),
+               "time/sampling": t1 - t0, "time/scoring": t2 - t1, "time/reference": t3 - t2, "time/update": t4 - t3}
+    n = m.sum().item()  # per-token means weigh by the rank's tokens; the rest are means over equal rows or groups
+    return mean_over_ranks(metrics, {"kl": n, "clip_ratio": n, "entropy": n})
 
 
 def rl_prompts(cfg):
@@ -856,7 +918,9 @@ def atomic_dir(path, write):
 def save_checkpoint(model, path, state):
     """Full weights, or for a LoRA model only its adapters (a few MB for a 7B model): adapter_config.json
     names the base they sit on (the folder it was loaded from; relative to `path` when local, so out_dir
-    can move) and load_model follows it; eval and the next stage load either kind the same way."""
+    can move) and load_model follows it; eval and the next stage load either kind the same way.
+    Written by the master alone (all ranks hold the same weights); the others wait, so that none goes
+    on to read a checkpoint that is still being written."""
     def write(d):
         if getattr(model, "lora", None) is not None:
             conf = model.lora.peft_config["default"]
@@ -868,19 +932,24 @@ def save_checkpoint(model, path, state):
             model.janus.save_pretrained(d)
         model.tokenizer.save_pretrained(d)
         torch.save(state, os.path.join(d, "trainer_state.pt"))
-    atomic_dir(path, write)
+    if rank() == 0:
+        atomic_dir(path, write)
+    barrier()
 
 
 def load_state(path):
     if not os.path.exists(path) and os.path.exists(path + ".old"):
-        os.replace(path + ".old", path)  # a crash between the two renames of atomic_dir
+        with contextlib.suppress(FileNotFoundError):  # another rank may have done it first
+            os.replace(path + ".old", path)  # a crash between the two renames of atomic_dir
     f = os.path.join(path, "trainer_state.pt")
     return torch.load(f, weights_only=False) if os.path.exists(f) else None
 
 
 def write_storyboard(model, cfg, stage_name, it, n=6):
-    """Sample a few held-out prompts and write an HTML page (images inline) and a PNG strip."""
+    """Sample a few held-out prompts and write an HTML page (images inline) and a PNG strip (master only)."""
     from PIL import Image, ImageDraw
+    if rank() > 0:
+        return
     examples = [e for task in ("story", "howto") for e in data.make_examples(task, n // 2, "eval", seed=cfg.seed, image_size=cfg.image_size)]
     gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
     ro = sample_interleaved(model, [e.prompt for e in examples], cfg.temperature, cfg.max_new_tokens, cfg.max_text_tokens, cfg.max_images,
@@ -937,7 +1006,9 @@ def make_logger(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
     path = os.path.join(cfg.out_dir, "metrics.jsonl")
 
-    def log(row):
+    def log(row):  # rows arrive already averaged over ranks; the master writes them
+        if rank() > 0:
+            return
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
         keys = ("loss", "reward", "rewards/format/mean", "rewards/text/mean", "rewards/visual/mean", "kl", "clip_ratio")
@@ -947,37 +1018,192 @@ def make_logger(cfg):
     return log
 
 
+# -----------------------------------------------------------------------------
+# Memory per GPU on paper (--dry_run)
+
+
+def memory_estimate(cfg):
+    """Bytes per GPU, (full fine-tune, LoRA) per row, from the architecture alone: the model is built on
+    the meta device, so no weights are loaded and nothing is downloaded. None for an unknown model."""
+    from transformers import JanusConfig, JanusForConditionalGeneration
+    name = cfg.model.rstrip("/").rsplit("/", 1)[-1].lower()
+    if name in JANUS_PRO:
+        config = janus_pro_config(name)
+    elif os.path.exists(os.path.join(cfg.model, "config.json")):
+        config = JanusConfig.from_pretrained(cfg.model)
+    else:
+        return None
+    with torch.device("meta"):
+        janus = JanusForConditionalGeneration(config)
+    n_all = sum(p.numel() for p in janus.parameters())
+    n_train = n_all - sum(p.numel() for p in janus.model.vqmodel.parameters())  # the VQ stays frozen
+    lora_r = cfg.lora_rank or 64  # the LoRA column assumes rank 64 when LoRA is off
+    n_lora = sum(lora_r * (m.in_features + m.out_features) for m in janus.model.language_model.layers.modules()
+                 if isinstance(m, torch.nn.Linear))  # adapters on every linear layer of the trunk
+    lm, world = config.text_config, int(os.environ.get("WORLD_SIZE", 1))
+    H, L, kv_dim = lm.hidden_size, lm.num_hidden_layers, lm.num_key_value_heads * lm.hidden_size // lm.num_attention_heads
+    rows = cfg.prompts_per_step * cfg.group_size // world  # rollouts per GPU, all in one forward
+    n_img = min(cfg.max_images * config.vq_config.num_patches ** 2, cfg.max_new_tokens)  # image tokens per rollout
+    T = 256 + cfg.max_new_tokens  # a 256-token prompt; every rollout at its token budget
+    a = 2 if cfg.dtype == "bfloat16" else 4  # bytes per activation (autocast) and per frozen weight
+    layer = (10 * H + 4 * lm.intermediate_size) * a  # saved per token per layer: norms, q/k/v/o, MLP (SDPA: no TxT)
+    acts = rows * T * (L * H * a + layer if cfg.grad_checkpointing else L * layer)
+    # float32 logits, their temperature-scaled copy and the log-softmax kept for backward: ~12 bytes each
+    logits = rows * ((cfg.max_new_tokens - n_img) * lm.vocab_size + n_img * config.vq_config.num_embeddings) * 12
+    table = {"weights": (4 * n_all, a * n_all + 4 * n_lora), "gradients": (4 * n_train, 4 * n_lora),
+             "AdamW states": (8 * n_train, 8 * n_lora), "reference model": (a * n_all * (cfg.kl_beta > 0), 0),
+             "activations": (acts, acts), "logits": (logits, logits), "sampling KV cache": (2 * L * rows * T * kv_dim * a,) * 2}
+    peak = tuple(sum(table[k][i] for k in ("weights", "gradients", "AdamW states", "reference model"))
+                 + max(table["activations"][i] + table["logits"][i], table["sampling KV cache"][i]) for i in (0, 1))
+    return dict(name=name, params=n_all, lora_params=n_lora, lora_rank=lora_r, world=world, rows=rows, tokens=T,
+                table=table, peak=peak, selected="LoRA" if cfg.lora_rank else "full fine-tune")
+
+
+def format_memory(est):
+    if est is None:
+        return "memory estimate: only for --preset janus-pro-1b / janus-pro-7b or a local --model folder"
+    gb = lambda pair: "".join(f"{x / 1e9:14.1f}" for x in pair)
+    lines = [f"memory per GPU on paper, GB: {est['name']} ({est['params'] / 1e9:.2f}B parameters), {est['world']} GPU(s) "
+             f"(WORLD_SIZE), {est['rows']} rollouts per GPU of up to {est['tokens']} tokens",
+             f"{'this config: ' + est['selected']:30}{'full fine-tune':>14}{'LoRA r=' + str(est['lora_rank']):>14}"]
+    lines += [f"{k:30}{gb(v)}" for k, v in est["table"].items()] + [f"{'peak':30}{gb(est['peak'])}"]
+    return "\n".join(lines + [
+        f"full: float32 weights, gradients, AdamW (bf16 autocast), a --dtype reference copy; LoRA: the base in --dtype, "
+        f"{est['lora_params'] / 1e6:.0f}M float32 adapter weights on the trunk's linear layers, no reference copy (adapters off).",
+        "activations: saved per token (only layer inputs with --grad_checkpointing), SDPA; peak = resident + the larger of "
+        "activations + logits and the sampling KV cache; not counted: reward models (ViT-L-14 ~1.7 GB), CUDA context.",
+        "FSDP is not implemented: DDP keeps all of the above on every GPU; where full fine-tune exceeds 80 GB, use --lora_rank."])
+
+
+# -----------------------------------------------------------------------------
+# DDP, as nanoGPT wires it: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE, one process per GPU (or CPU
+# slot); every rank samples and trains on its share of the global batch, the master writes the files
+
+
+def ddp_init(cfg):
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU); False when not launched by torchrun."""
+    if "RANK" not in os.environ:
+        return False
+    cuda = resolve_device(cfg).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" then means this rank's GPU
+    # a long timeout: the others wait while the master alone runs `prepare` or samples a storyboard
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
+    if rank() > 0:
+        sys.stdout = open(os.devnull, "w")  # one voice: the master prints; errors still reach stderr
+    return True
+
+
+def rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def barrier():
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+def all_sum(x):
+    """x summed over ranks (x itself in one process); nccl reduces CUDA tensors, gloo CPU ones."""
+    if world_size() == 1:
+        return x
+    y = x.detach().to("cuda" if torch.distributed.get_backend() == "nccl" else "cpu", copy=True)
+    torch.distributed.all_reduce(y)
+    return y.to(x.device)
+
+
+def mean_over_ranks(metrics, weights):
+    """Average a dict of floats over ranks; a key in `weights` is weighted by that rank's count (tokens)."""
+    if world_size() == 1:
+        return metrics
+    w = torch.tensor([float(weights.get(k, 1)) for k in metrics], dtype=torch.float64)
+    s = all_sum(torch.stack([torch.tensor([float(v) for v in metrics.values()], dtype=torch.float64) * w, w]))
+    return dict(zip(metrics, (s[0] / s[1].clamp(min=1e-30)).tolist()))
+
+
+def broadcast_from_master(model):
+    """Every rank starts from the master's weights (what DDP's constructor does)."""
+    for t in model.state_dict().values() if world_size() > 1 else ():
+        torch.distributed.broadcast(t, 0)
+
+
+def average_gradients(params):
+    """What DDP's wrapper does after backward, written out. We do not wrap the policy in
+    DistributedDataParallel because (1) our forward is not module.forward: the teacher-forced log-probs
+    call the trunk and the two heads directly, which DDP's reducer never sees being prepared, and
+    (2) which parameters get a gradient differs per rank (a rank whose rows hold no image token never
+    touches the generation head), which DDP handles only with find_unused_parameters. A GRPO step's
+    time goes to sampling, so not overlapping this with backward costs little."""
+    if world_size() == 1:
+        return
+    has = all_sum(torch.tensor([float(p.grad is not None) for p in params]))
+    live = [p for p, h in zip(params, has.tolist()) if h > 0]  # no gradient on any rank: stays None, as in one process
+    for p in live:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for work in [torch.distributed.all_reduce(p.grad, async_op=True) for p in live]:
+        work.wait()
+    for p in live:
+        p.grad /= world_size()
+
+
+def autocast(cfg, dev):
+    """bf16 compute (matmuls, attention) over float32 weights: AdamW's small steps survive in float32."""
+    return torch.autocast(torch.device(dev).type, torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+
+
+def for_training(model, cfg):
+    if cfg.grad_checkpointing:  # non-reentrant: works when the inputs need no grad (frozen embeddings, LoRA)
+        model.janus.activation_checkpointing_enable({"use_reentrant": False})
+    return model
+
+
 def main(argv=None):
     cfg = get_config(sys.argv[1:] if argv is None else argv)
     if cfg.dry_run:
         print(json.dumps(vars(cfg), indent=2))
+        print(format_memory(memory_estimate(cfg)))
         return cfg
-    torch.manual_seed(cfg.seed); random.seed(cfg.seed)
+    ddp = ddp_init(cfg)
+    # per-rank seeds, as nanoGPT; the model's initial weights and the rollouts do not depend on them
+    torch.manual_seed(cfg.seed + rank()); random.seed(cfg.seed + rank())
     if resolve_device(cfg) == "cpu" and cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
-    log = make_logger(cfg)
     order = ["prepare", "warmup", "grpo"]
     todo = order[: order.index(cfg.stage) + 1] if cfg.stage in order else order
+    if "grpo" in todo and cfg.prompts_per_step % world_size():  # before any work
+        raise SystemExit(f"error: --prompts_per_step={cfg.prompts_per_step} must be divisible by the number of processes "
+                         f"({world_size()}): each rank samples whole groups; change it or --nproc_per_node")
+    log = make_logger(cfg)
     for name in todo:
+        skip = False
         if name != cfg.stage:
             done = os.path.exists(os.path.join(cfg.out_dir, name if name != "prepare" else "prepare/tokenizer"))
             state = load_state(os.path.join(cfg.out_dir, name)) if name != "prepare" else None
             iters = cfg.warmup_iters if name == "warmup" else cfg.grpo_iters
-            if name == "prepare" and cfg.model:
-                continue
-            if done and (name == "prepare" or (state and state["iter"] >= iters)):
-                continue
-            print(f"{cfg.stage}: no finished {name} stage in {cfg.out_dir}; running it first")
+            skip = (name == "prepare" and bool(cfg.model)) or bool(done and (name == "prepare" or (state and state["iter"] >= iters)))
+            if not skip:
+                print(f"{cfg.stage}: no finished {name} stage in {cfg.out_dir}; running it first")
+        barrier()  # every rank has looked at out_dir before the master writes to it
+        if skip:
+            continue
         if name == "prepare":
-            if not cfg.model:
-                prepare(cfg)
+            if not cfg.model and rank() == 0:
+                prepare(cfg)  # once, on the master; the other ranks wait, then load what it wrote
+            barrier()
         elif name == "warmup":
             warmup(cfg, log)
         elif name == "grpo":
             grpo(cfg, log)
-    if cfg.stage == "eval":
+    if cfg.stage == "eval" and rank() == 0:
         import eval as evaluation  # eval.py imports this file; importing it here at run time keeps that one-way
         evaluation.main(["--out_dir", cfg.out_dir])
+    if ddp:
+        torch.distributed.destroy_process_group()
     return cfg
 
 

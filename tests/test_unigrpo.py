@@ -163,12 +163,18 @@ def test_cli_errors_exit_nonzero_with_help(args, needle):
     assert needle in r.stderr + r.stdout
 
 
-def test_dry_run_prints_config_without_loading(tmp_path):
+def test_dry_run_prints_config_and_memory_without_loading(tmp_path):
+    """The full-scale preset's config and memory estimate, offline (the hub refuses) and writing nothing."""
     r = subprocess.run([sys.executable, os.path.join(ROOT, "unigrpo.py"), "--preset=janus-pro-7b", "--dry_run",
                         f"--out_dir={tmp_path}/o"], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "WORLD_SIZE": "8"})
     assert r.returncode == 0, r.stderr
     assert '"model": "deepseek-community/Janus-Pro-7B"' in r.stdout
+    assert "janus-pro-7b (7.41B parameters), 8 GPU(s)" in r.stdout and "FSDP is not implemented" in r.stdout
+    rows = {line[:30].strip(): line[30:].split() for line in r.stdout.splitlines() if line[:30].strip() in
+            ("weights", "gradients", "AdamW states", "reference model", "activations", "peak")}
+    assert len(rows) == 6 and all(len(v) == 2 for v in rows.values()), r.stdout
+    assert float(rows["peak"][1]) < 80 < float(rows["peak"][0])  # on 80 GB GPUs the 7B needs LoRA (or FSDP)
     assert not os.path.exists(f"{tmp_path}/o")
 
 
