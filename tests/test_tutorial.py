@@ -39,21 +39,21 @@ def test_notebook_defines_no_copy_of_a_project_function():
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tutorial") / "out"
+    parent = tmp_path_factory.mktemp("tutorial_dir")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # a last cell that reports which Python the kernel is: "python3" must resolve to this interpreter
     nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
-    old = os.environ.get("TUTORIAL_OUT")
-    os.environ["TUTORIAL_OUT"] = str(out)  # the kernel inherits the environment
+    old = os.environ.get("TUTORIAL_DIR")
+    os.environ["TUTORIAL_DIR"] = str(parent)  # the kernel inherits the environment
     try:
         # any cell that raises fails the test (CellExecutionError names the cell and the traceback)
         NotebookClient(nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": ROOT}}).execute()
     finally:
         if old is None:
-            os.environ.pop("TUTORIAL_OUT")
+            os.environ.pop("TUTORIAL_DIR")
         else:
-            os.environ["TUTORIAL_OUT"] = old
-    return nb, out
+            os.environ["TUTORIAL_DIR"] = old
+    return nb, parent / "tutorial"
 
 
 def test_notebook_runs_in_this_python(executed):
