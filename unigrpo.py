@@ -45,12 +45,12 @@ n_layer = 4               # tiny Janus trunk (toy world only)
 n_embd = 128
 n_head = 4
 image_size = 48           # toy images: 48x48, a 3x3 scene grid
-patch_size = 8            # VQ downsampling: 48/8 = 6x6 = 36 image tokens per image (4 per grid cell)
-codebook_size = 256
+patch_size = 16           # VQ downsampling: 48/16 = 3x3 = 9 image tokens per image, one per scene cell
+codebook_size = 16        # a cell holds one of 13 things; the toy VQ gives each its own code (data.train_vq)
 lora_rank = 0             # > 0: train LoRA adapters (peft) on the trunk, base frozen (the paper's QLoRA row)
 lora_alpha = 16           # LoRA scale = lora_alpha / lora_rank
 # prepare (toy world tokenizers and reward models)
-vq_steps = 200
+vq_steps = 400
 clip_steps = 500
 # warm-up (stage 1)
 warmup_iters = 600
@@ -278,12 +278,16 @@ def tiny_janus(tokenizer, vq, cfg):
                          num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head, vocab_size=len(tokenizer),
                          max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        # JanusConfig sets the VQ's grid to the understanding path's (vision image_size // patch_size), so
+        # the two share patch_size: a context image is read as the same 3x3 grid that is generated
         vision_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2.0,
-                           # the understanding path reads a context image as a 3x3 grid of 16px patches (9
-                           # prompt tokens); only the generated images need the VQ's finer 6x6 grid
-                           image_size=cfg.image_size, patch_size=cfg.image_size // 3, projection_dim=H, depth=2,
-                           num_image_tokens=9),
+                           image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=H, depth=2,
+                           num_image_tokens=(cfg.image_size // cfg.patch_size) ** 2),
         vq_config=vq.config.to_dict(), image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"))
+    if config.vq_config.num_patches != vq.config.num_patches:
+        raise ValueError(f"the VQ makes a {vq.config.num_patches}x{vq.config.num_patches} grid but the model would "
+                         f"sample {config.vq_config.num_patches}x{config.vq_config.num_patches}: build the VQ with "
+                         f"--image_size {cfg.image_size} --patch_size {cfg.patch_size}")
     janus = JanusForConditionalGeneration(config)
     janus.model.vqmodel.load_state_dict(vq.state_dict())  # the VQ trained in `prepare`
     return janus
@@ -876,9 +880,10 @@ def prepare(cfg):
     tok = _load_tokenizer(root)
     rs = random.Random(cfg.seed)
     if not os.path.exists(os.path.join(root, "vq")):
-        vq, stats = data.train_vq(data.make_vq_config(cfg.image_size, cfg.patch_size, cfg.codebook_size, cfg.n_embd),
-                                  data.vq_training_images(1500, seed=cfg.seed, image_size=cfg.image_size),
-                                  steps=cfg.vq_steps, seed=cfg.seed)
+        vq_config = data.make_vq_config(cfg.image_size, cfg.patch_size, cfg.codebook_size, cfg.n_embd)
+        images = data.vq_training_images(1500, seed=cfg.seed, image_size=cfg.image_size)
+        vq, stats = data.train_vq(vq_config, images, steps=cfg.vq_steps, seed=cfg.seed,
+                                  labels=data.latent_labels(images, vq_config.num_patches))
         print(f"prepare: VQ tokenizer {json.dumps(stats)}")
         atomic_dir(os.path.join(root, "vq"), vq.save_pretrained)
     for name, steps in (("clip", cfg.clip_steps), ("clip_weak", max(1, cfg.clip_steps // 10))):

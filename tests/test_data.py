@@ -328,36 +328,58 @@ def test_tokenizer_round_trip_and_save_load(tmp_path):
 
 def test_vq_config():
     cfg = data.make_vq_config()
-    assert list(cfg.channel_multiplier) == [1, 1, 2, 2] and cfg.num_patches == 6
-    assert cfg.num_embeddings == 256 and cfg.projection_dim == cfg.image_token_embed_dim == 128
-    cfg = data.make_vq_config(image_size=48, patch_size=16, projection_dim=64)
-    assert list(cfg.channel_multiplier) == [1, 1, 2, 2, 2] and cfg.num_patches == 3 and cfg.image_token_embed_dim == 64
+    assert list(cfg.channel_multiplier) == [1, 1, 2, 2, 2] and cfg.num_patches == 3
+    assert cfg.num_embeddings == 16 and cfg.projection_dim == cfg.image_token_embed_dim == 128
+    cfg = data.make_vq_config(image_size=48, patch_size=8, codebook_size=64, projection_dim=64)
+    assert list(cfg.channel_multiplier) == [1, 1, 2, 2] and cfg.num_patches == 6 and cfg.image_token_embed_dim == 64
     with pytest.raises(ValueError):
         data.make_vq_config(patch_size=12)
+
+
+def test_latent_labels():
+    scene = data.make_scene(data.Obj("red", "circle", 0), data.Obj("blue", "triangle", 4))
+    img = render(scene)
+    red_circle = 1 + data.COLOURS.index("red") * 3 + data.SHAPES.index("circle")
+    blue_triangle = 1 + data.COLOURS.index("blue") * 3 + data.SHAPES.index("triangle")
+    assert data.latent_labels([img], 3).tolist() == [[red_circle, 0, 0, 0, blue_triangle, 0, 0, 0, 0]]
+    six = data.latent_labels([img], 6)[0].view(6, 6)  # 2x2 positions per cell, each its own place in the cell
+    assert six[:2, :2].flatten().tolist() == [red_circle * 4 + q for q in range(4)]
+    assert six[2:4, 2:4].flatten().tolist() == [blue_triangle * 4 + q for q in range(4)]
+    with pytest.raises(ValueError, match="3x3"):
+        data.latent_labels([img], 4)
 
 
 @pytest.fixture(scope="module")
 def trained_vq():
     images = data.vq_training_images(1500, seed=0)
-    vq, stats = data.train_vq(data.make_vq_config(), images, progress=False)
+    cfg = data.make_vq_config()
+    vq, stats = data.train_vq(cfg, images, steps=300, progress=False, labels=data.latent_labels(images, cfg.num_patches))
     return vq, stats, {parse_image(im) for im in images}
 
 
 def test_vq_hf_round_trip(trained_vq):
     vq, stats, train_scenes = trained_vq
     # stats are on held-out busy grids (up to 9 objects), harder than the world's 1-2 object scenes
-    assert stats["cell_accuracy"] >= 0.9 and stats["codes_used"] > 13 and stats["pixel_mse"] < 0.04
+    assert stats["cell_accuracy"] >= 0.9 and stats["pixel_mse"] < 0.04
     # held-out scenes of the world, decoded by HF's own encode/decode (which L2-normalises the codebook)
     rng = random.Random(123)
     held = [s for s in (data.random_scene(rng) for _ in range(300)) if s not in train_scenes][:120]
     assert len(held) == 120
     x = torch.stack([data.to_tensor(render(s)) for s in held])
     with torch.no_grad():
-        out = vq.decode(vq.encode(x).image_tokens.view(len(held), -1))
+        tokens = vq.encode(x).image_tokens.view(len(held), -1)
+        out = vq.decode(tokens)
     cells = [a == b for s, d in zip(held, out)
              for a, b in zip(data.cell_contents(s), data.cell_contents(parse_image(data.to_image(d))))]
-    assert sum(cells) / len(cells) >= 0.95
+    assert sum(cells) / len(cells) >= 0.97
     assert torch.nn.functional.mse_loss(out.clamp(-1, 1), x) < 0.03  # an all-background image scores ~0.06
+    # the point of the labels: one code per cell content, whatever the neighbours (a plain VQ-VAE
+    # spreads a content over several neighbour-dependent codes, which the policy cannot learn to draw)
+    labels = data.latent_labels([render(s) for s in held], 3)
+    code_of = {}
+    for lab, code in zip(labels.flatten().tolist(), tokens.flatten().tolist()):
+        code_of.setdefault(lab, set()).add(code)
+    assert all(len(c) == 1 for c in code_of.values()) and len({*map(min, code_of.values())}) == len(code_of)
 
 
 def test_vq_codebook_and_helpers(trained_vq):
@@ -366,13 +388,15 @@ def test_vq_codebook_and_helpers(trained_vq):
     assert torch.allclose(w.norm(dim=1), torch.ones(len(w)), atol=1e-5)
     images = [render(data.random_scene(random.Random(i))) for i in range(6)]
     tokens = data.vq_encode(vq, images)
-    assert tokens.shape == (6, 36) and tokens.dtype == torch.long and 0 <= tokens.min() and tokens.max() < 256
+    assert tokens.shape == (6, 9) and tokens.dtype == torch.long and 0 <= tokens.min() and tokens.max() < 16
     with torch.no_grad():  # the training-time cosine rule picks the same codes as HF's encode
         _, codes, _, _ = data._quantise(vq, torch.stack([data.to_tensor(im) for im in images]))
     assert torch.equal(codes.view(6, -1), tokens)
     decoded = data.vq_decode(vq, tokens)
     assert len(decoded) == 6 and all(im.size == (48, 48) and im.mode == "RGB" for im in decoded)
     assert sum(parse_image(d) == parse_image(im) for d, im in zip(decoded, images)) >= 5
+    with pytest.raises(ValueError, match="codebook_size"):  # 52 labels of a 6x6 grid do not fit 16 codes
+        data.train_vq(data.make_vq_config(patch_size=8), images, steps=1, progress=False, labels=data.latent_labels(images, 6))
 
 
 def test_vq_training_images():

@@ -1,5 +1,6 @@
 """The unified model wrapper, the interleaved sampler, teacher-forced log-probs, checkpoints, the CLI."""
 import os
+import random
 import subprocess
 import sys
 
@@ -119,6 +120,23 @@ def test_decode_rollout_segments(tiny):
     assert kinds == ["text", "image"] * ex[0].n_steps
     assert [x for k, x in segs if k == "text"] == ex[0].ref_texts
     assert steps == list(range(2 * ex[0].n_steps))
+
+
+def test_generated_grid_is_the_vq_grid(tiny, tmp_path):
+    # JanusConfig ties the VQ grid to the understanding path's; a mismatch once made the sampler draw
+    # 9 codes where the VQ encodes 36, so no generated image could ever be right
+    img = data.render(data.random_scene(random.Random(0)), tiny.image_size)
+    codes = tiny.vq_encode([img])
+    assert codes.shape[1] == tiny.n_image_tokens
+    assert tiny.vq_decode(codes)[0].size == (tiny.image_size, tiny.image_size)
+    answer_ids, is_image, _ = tiny.encode_answer([("image", img)])
+    assert sum(is_image) == tiny.n_image_tokens
+    tiny.janus.save_pretrained(tmp_path); tiny.tokenizer.save_pretrained(tmp_path)
+    assert unigrpo.load_model(str(tmp_path), "cpu").n_image_tokens == tiny.n_image_tokens  # and after a reload
+    other = "8" if tiny.n_image_tokens == 9 else "16"  # a VQ built for another grid is refused, not silently cut
+    cfg = unigrpo.get_config(["--patch_size", other])
+    with pytest.raises(ValueError, match="grid"):
+        unigrpo.tiny_janus(tiny.tokenizer, tiny.janus.model.vqmodel, cfg)
 
 
 def test_checkpoint_round_trip_identical_logits(tiny, tmp_path):
