@@ -15,13 +15,12 @@ the warm-up model.
 Read top to bottom: config, model wrapper, interleaved sampler, log-probs, warm-up, GRPO maths,
 GRPO loop, checkpoints/storyboards, main.
 """
-import base64, contextlib, copy, datetime, difflib, importlib.util, io, json, math, os, random, shutil, sys, time
+import base64, contextlib, datetime, difflib, importlib.util, io, json, math, os, random, shutil, sys, time
 from ast import literal_eval
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -367,11 +366,6 @@ class Rollout:
     logp: torch.Tensor            # [B, T] log-prob under the sampling policy (0 where not sampled)
     mask: torch.Tensor            # [B, T] 1 for sampled tokens; 0 for forced <end_of_image> and padding
     finished: torch.Tensor        # [B] bool: ended with EOS inside the limits
-
-    def rows(self, idx):
-        pick = lambda t: t[idx]
-        return Rollout(pick(self.prompt_ids), pick(self.prompt_mask), [self.context[i] for i in idx.tolist()],
-                       pick(self.ids), pick(self.is_image), pick(self.step), pick(self.logp), pick(self.mask), pick(self.finished))
 
 
 def pad_prompts(model, prompts):
