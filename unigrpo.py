@@ -15,7 +15,7 @@ the warm-up model.
 Read top to bottom: config, model wrapper, interleaved sampler, log-probs, warm-up, GRPO maths,
 GRPO loop, checkpoints/storyboards, main.
 """
-import base64, contextlib, datetime, difflib, importlib.util, io, json, math, os, random, shutil, sys, time
+import contextlib, datetime, difflib, importlib.util, json, math, os, random, shutil, sys, time
 from ast import literal_eval
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -940,54 +940,16 @@ def load_state(path):
 
 
 def write_storyboard(model, cfg, stage_name, it, n=6):
-    """Sample a few held-out prompts and write an HTML page (images inline) and a PNG strip (master only)."""
-    from PIL import Image, ImageDraw
+    """Sample a few held-out prompts; data.save_storyboard draws them (master only)."""
     if rank() > 0:
         return
     examples = [e for task in ("story", "howto") for e in data.make_examples(task, n // 2, "eval", seed=cfg.seed, image_size=cfg.image_size)]
     gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
     ro = sample_interleaved(model, [e.prompt for e in examples], cfg.temperature, cfg.max_new_tokens, cfg.max_text_tokens, cfg.max_images,
                             generator=gen, cfg_scale=cfg.cfg_scale)
-    decoded = decode_rollout(model, ro)
     os.makedirs(os.path.join(cfg.out_dir, "storyboards"), exist_ok=True)
-    base = os.path.join(cfg.out_dir, "storyboards", f"{stage_name}_{it:05d}")
-    html = [f"<html><body style='font-family:sans-serif'><h2>{stage_name} iter {it}</h2>"]
-    S, rowsimg = 96, []
-    for e, (segs, _) in zip(examples, decoded):
-        prompt = " ".join(x for k, x in e.prompt if k == "text")
-        html.append(f"<hr><p><b>prompt:</b> {prompt}</p><p><b>sample:</b> ")
-        strip = Image.new("RGB", (S * (1 + max(1, len(segs))), S), "white")
-        d = ImageDraw.Draw(strip)
-        d.multiline_text((2, 2), _wrap(prompt, 16), fill="black")
-        for j, (k, x) in enumerate(segs):
-            if k == "text":
-                html.append(f"{x} ")
-                d.multiline_text((S * (j + 1) + 2, 2), _wrap(x, 16), fill="navy")
-            elif x is None:
-                html.append("[truncated image] ")
-            else:
-                buf = io.BytesIO(); x.resize((S, S), Image.NEAREST).save(buf, format="PNG")
-                html.append(f"<img src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}' style='vertical-align:middle'> ")
-                strip.paste(x.resize((S, S), Image.NEAREST), (S * (j + 1), 0))
-        html.append("</p>")
-        rowsimg.append(strip)
-    with open(base + ".html", "w") as f:
-        f.write("\n".join(html) + "</body></html>")
-    W = max(r.width for r in rowsimg)
-    sheet = Image.new("RGB", (W, S * len(rowsimg)), "white")
-    for i, r in enumerate(rowsimg):
-        sheet.paste(r, (0, S * i))
-    sheet.save(base + ".png")
-
-
-def _wrap(text, width):
-    words, lines, cur = text.split(), [], ""
-    for w in words:
-        if len(cur) + len(w) + 1 > width:
-            lines.append(cur); cur = w
-        else:
-            cur = (cur + " " + w).strip()
-    return "\n".join(lines + [cur])
+    data.save_storyboard(os.path.join(cfg.out_dir, "storyboards", f"{stage_name}_{it:05d}"), f"{stage_name} iter {it}",
+                         [(" ".join(x for k, x in e.prompt if k == "text"), segs) for e, (segs, _) in zip(examples, decode_rollout(model, ro))])
 
 
 def resolve_device(cfg):
