@@ -103,7 +103,7 @@ PRESETS = {  # the paper's recipe, one flag away (see README, "Full scale")
 
 def get_config(argv):
     """nanoGPT-style configurator: --key value / --key=value, type-checked against the defaults."""
-    cfg, seen, i = dict(DEFAULTS), {}, 0
+    seen, i = {}, 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
@@ -124,16 +124,13 @@ def get_config(argv):
                 raise SystemExit(f"error: --{key} needs a value")
         seen[key] = _coerce(key, val)
         i += 1
-    if seen.get("preset", cfg["preset"]):
-        name = seen.get("preset", cfg["preset"])
-        if name not in PRESETS:
-            raise SystemExit(f"error: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        cfg.update(PRESETS[name])
-    cfg.update(seen)  # explicit flags win over the preset
-    if cfg["stage"] not in ("prepare", "warmup", "grpo", "eval"):
-        raise SystemExit(f"error: --stage must be prepare, warmup, grpo or eval, not {cfg['stage']!r}")
-    if cfg["loss_type"] not in ("sequence", "token"):
-        raise SystemExit(f"error: --loss_type must be sequence or token, not {cfg['loss_type']!r}")
+    name = seen.get("preset", DEFAULTS["preset"])
+    if name and name not in PRESETS:
+        raise SystemExit(f"error: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = {**DEFAULTS, **PRESETS.get(name, {}), **seen}  # explicit flags win over the preset
+    for key, choices in (("stage", ("prepare", "warmup", "grpo", "eval")), ("loss_type", ("sequence", "token"))):
+        if cfg[key] not in choices:
+            raise SystemExit(f"error: --{key} must be one of {', '.join(choices)}, not {cfg[key]!r}")
     if cfg["group_size"] < 2:
         raise SystemExit("error: --group_size must be at least 2 (advantages are relative to the group)")
     for key in ("lora_rank", "lora_alpha", "cfg_scale"):
@@ -147,16 +144,15 @@ def _coerce(key, val):
     if want is str:
         return val
     if want is bool:
-        if val.lower() in ("1", "true", "yes", "on"):
-            return True
-        if val.lower() in ("0", "false", "no", "off"):
-            return False
-        raise SystemExit(f"error: --{key} expects a boolean (true/false), got {val!r}")
+        flag = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+        if val.lower() not in flag:
+            raise SystemExit(f"error: --{key} expects a boolean (true/false), got {val!r}")
+        return flag[val.lower()]
     try:
         parsed = literal_eval(val)
     except (ValueError, SyntaxError):
         parsed = None
-    if want is float and isinstance(parsed, int) and not isinstance(parsed, bool):
+    if want is float and type(parsed) is int:
         parsed = float(parsed)
     if type(parsed) is not want:
         raise SystemExit(f"error: --{key} expects {want.__name__} (default {DEFAULTS[key]!r}), got {val!r}")
@@ -168,13 +164,10 @@ def _coerce(key, val):
 
 
 class UnifiedModel(torch.nn.Module):
-    """The parts of JanusForConditionalGeneration the method needs, under names that read like it.
-
-    Text tokens are embedded by the LM's token embedding and predicted by the LM head; image tokens
-    (VQ codes) are embedded by the generation embedding + aligner and predicted by the generation
-    head. Context images in a prompt go through the understanding path (SigLIP + aligner) at
-    <image_placeholder> positions. One trunk serves both, so one trajectory holds both modalities.
-    """
+    """The parts of JanusForConditionalGeneration the method needs, under names that read like it: text
+    tokens in by the token embedding, out by the LM head; image tokens (VQ codes) in by the generation
+    embedding + aligner, out by the generation head; context images by the understanding path (SigLIP +
+    aligner) at <image_placeholder> slots. One trunk serves both, so one trajectory holds both modalities."""
 
     def __init__(self, janus, tokenizer, chat=False):
         super().__init__()
@@ -237,10 +230,8 @@ class UnifiedModel(torch.nn.Module):
         x = torch.stack([self.pixels(im) for im in images]).to(self.device)
         return self.janus.model.vqmodel.encode(x).image_tokens.view(len(images), -1)
 
-    @torch.no_grad()
     def vq_decode(self, codes):
-        x = self.janus.model.vqmodel.decode(codes.to(self.device))
-        return [data.to_image(t) for t in x.float().cpu()]
+        return data.vq_decode(self.janus.model.vqmodel, codes)
 
     def embed(self, ids, is_image):
         """Per-token input embedding: text table for text tokens, generation embedding for image codes."""
@@ -286,23 +277,6 @@ def tiny_janus(tokenizer, vq, cfg):
     janus = JanusForConditionalGeneration(config)
     janus.model.vqmodel.load_state_dict(vq.state_dict())  # the VQ trained in `prepare`
     return janus
-
-
-# Janus-Pro's language trunks (DeepSeek-LLM, as in the released config.json): hidden, MLP, layers, heads.
-# Both have a 102400-token vocabulary, SigLIP-L/16 at 384 px for understanding and a 16384-code VQ for
-# generation (transformers' JanusConfig defaults): 2.08B and 7.41B parameters in all.
-JANUS_PRO = {"janus-pro-1b": (2048, 5632, 24, 16), "janus-pro-7b": (4096, 11008, 30, 32)}
-
-
-def janus_pro_config(name):
-    """Janus-Pro's architecture written out (no download): for --dry_run and tests/gpu_check.py."""
-    from transformers import JanusConfig
-    H, I, L, A = JANUS_PRO[name]
-    return JanusConfig(text_config=dict(model_type="llama", hidden_size=H, intermediate_size=I, num_hidden_layers=L,
-                                        num_attention_heads=A, num_key_value_heads=A, vocab_size=102400,
-                                        max_position_embeddings=16384, tie_word_embeddings=False),
-                       vision_config=dict(projection_dim=H), vq_config=dict(projection_dim=H, image_token_embed_dim=H),
-                       tie_word_embeddings=False)
 
 
 def load_model(path, device, dtype=torch.float32, lora_rank=None, lora_alpha=16, four_bit=None):
@@ -384,19 +358,16 @@ def _stack_context(context, device):
 
 
 def unconditional_ids(model, ids, is_image):
-    """CFG's unconditional branch: the same sequence with every text token (prompt and generated text alike)
-    replaced by <pad>; BOS, image codes, context images and the <begin/end_of_image> markers stay. This is
-    Janus's recipe for one image (pad all but BOS and <begin_of_image>) carried to interleaved trajectories:
-    earlier images are in both branches, so guidance amplifies what the text asks for, not agreement with
-    the earlier images (which stays the conditional branch's business)."""
+    """CFG's unconditional branch: every text token (prompt and generated) becomes <pad>; BOS, image codes,
+    context images and the image markers stay. Janus's recipe for one image, carried to interleaved output:
+    earlier images are in both branches, so guidance amplifies what the text asks for."""
     keep = is_image | (ids == model.bos_id) | (ids == model.boi_id) | (ids == model.eoi_id) | (ids == model.image_id)
     return torch.where(keep, ids, model.pad_id)
 
 
 def head_logprobs(model, h, image, temperature, h_uncond=None, cfg_scale=1.0):
-    """log pi(. | h) for one modality, shared by the sampler and sequence_logprobs so both use one distribution:
-    text from the LM head (never guided); image codes from the generation head, with classifier-free
-    guidance l_u + s (l_c - l_u) when the unconditional hidden states are given; then the temperature."""
+    """log pi(. | h) for one modality, the one distribution of the sampler and sequence_logprobs: text from
+    the LM head; image codes from the generation head, guided l_u + s (l_c - l_u) if h_uncond is given."""
     if not image:
         return torch.log_softmax(model.text_logits(h).float() / temperature, dim=-1)
     logits = model.image_logits(h).float()
@@ -409,14 +380,11 @@ def head_logprobs(model, h, image, temperature, h_uncond=None, cfg_scale=1.0):
 @torch.no_grad()
 def sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max_text_tokens=32, max_images=4, generator=None,
                        cfg_scale=1.0):
-    """Batched interleaved decoding with a KV cache. Every row is in text or image mode; one forward
-    step serves all rows: text-mode rows read the LM head, image-mode rows the generation head.
-    The model decides where an image goes by emitting <begin_of_image>; then exactly
+    """Batched interleaved decoding with a KV cache; one forward serves all rows, text-mode rows read the
+    LM head, image-mode rows the generation head. The model opens an image with <begin_of_image>; then
     n_image_tokens codes are sampled and <end_of_image> is forced; a row stops at EOS or a limit.
-    CFG (cfg_scale != 1): rows B..2B-1 of every forward are the unconditional twins of rows 0..B-1, kept in
-    step through text too since any step may open an image; with cfg_scale == 1 there are no extra rows.
-    `generator`: one torch.Generator for the batch, or a list of them, one per group of consecutive rows
-    (then a row's draws depend on its group's seed alone, not on which rows share its batch: DDP)."""
+    CFG: rows B..2B-1 are the unconditional twins of rows 0..B-1 (through text too: any step may open an image).
+    `generator`: one, or a list with one per group of rows (a group's draws then ignore the batch: DDP)."""
     dev = model.device
     prompt_ids, prompt_mask, context = pad_prompts(model, prompts)
     prompt_ids, prompt_mask = prompt_ids.to(dev), prompt_mask.to(dev)
@@ -492,9 +460,8 @@ def _uniform(B, V, generator, dev):
 
 
 def decode_rollout(model, ro):
-    """Rollout -> per row (segments, step index of each segment). A step's tokens become ("text", str)
-    or, for a complete grid of codes, ("image", PIL); a grid cut short by a limit is ("image", None).
-    An empty text step is kept only when it opens an image (then it is a format error for r_f)."""
+    """Rollout -> per row (segments, step of each segment): ("text", str), ("image", PIL) for a full grid,
+    ("image", None) for one cut short; an empty text step is kept only if it opens an image (r_f's business)."""
     N, special = model.n_image_tokens, {model.boi_id, model.eoi_id, model.eos_id, model.pad_id}
     rows, grids = [], []
     for b in range(ro.ids.shape[0]):
@@ -528,10 +495,9 @@ def decode_rollout(model, ro):
 
 
 def sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale=1.0):
-    """log pi(o_t | q, o_<t) for every generated token, with the sampler's temperature and guidance, so
-    that on-policy the ratio is exactly 1. The hidden state at position t predicts token t+1: the
-    one at <begin_of_image> predicts image code 0 through the generation head. With CFG the gradient flows
-    through both branches (in one forward): the policy optimised is the guided one that sampled."""
+    """log pi(o_t | q, o_<t) of every generated token, with the sampler's temperature and guidance, so that
+    on-policy the ratio is exactly 1. The hidden state at <begin_of_image> predicts image code 0. With CFG
+    the gradient flows through both branches: the policy optimised is the guided one that sampled."""
     dev = model.device
     ids = torch.cat([ro.prompt_ids, ro.ids], 1).to(dev)
     is_image = torch.cat([torch.zeros_like(ro.prompt_ids, dtype=torch.bool), ro.is_image], 1).to(dev)
@@ -559,8 +525,7 @@ def sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale=
 
 
 def reference_logprobs(ref, ro, cfg):
-    """log pi_ref of a rollout, without a graph. With LoRA, ref is the policy itself with its adapters
-    switched off (the base is the warm-up model), not a second copy in memory."""
+    """log pi_ref of a rollout, no graph. With LoRA, ref is the policy with its adapters off (no second copy)."""
     off = ref.lora.disable_adapter() if getattr(ref, "lora", None) is not None else contextlib.nullcontext()
     with torch.no_grad(), off:
         return sequence_logprobs(ref, ro, cfg.temperature, cfg_scale=cfg.cfg_scale)[0]
@@ -587,8 +552,7 @@ def make_batch(model, examples, answers=None):
 
 def warmup(cfg, log):
     """Plain next-token NLL over text and image tokens alike (stage 1)."""
-    dev = resolve_device(cfg)
-    ckpt = os.path.join(cfg.out_dir, "warmup")
+    dev, ckpt = resolve_device(cfg), os.path.join(cfg.out_dir, "warmup")
     state = load_state(ckpt)
     if state and state["iter"] >= cfg.warmup_iters:
         print(f"warm-up: complete checkpoint found in {ckpt}")
@@ -597,8 +561,7 @@ def warmup(cfg, log):
     if state:
         model = load_model(ckpt, dev, getattr(torch, cfg.dtype))
         print(f"warm-up: resuming from {ckpt} at iter {state['iter']}")
-    elif cfg.model:
-        # float32 master weights (bf16 autocast computes): a bf16 weight would swallow small updates
+    elif cfg.model:  # float32 master weights (bf16 autocast computes): a bf16 weight would swallow small updates
         model = load_model(cfg.model, dev, torch.float32, cfg.lora_rank, cfg.lora_alpha)
     else:
         tok, vq, _ = load_prepared(cfg)
@@ -607,17 +570,12 @@ def warmup(cfg, log):
             print("warm-up: the toy model trains from scratch, so all of it trains; --lora_rank applies from GRPO on")
     broadcast_from_master(model)
     model = for_training(model, cfg)
-    if cfg.warmup_data:
-        mix = data.load_jsonl(cfg.warmup_data)
-    else:
-        mix = data.warmup_mix(cfg.n_understanding, seed=cfg.seed, ratio=(cfg.interleaved_ratio, 1.0, 1.0), image_size=cfg.image_size)
+    mix = data.load_jsonl(cfg.warmup_data) if cfg.warmup_data else data.warmup_mix(
+        cfg.n_understanding, seed=cfg.seed, ratio=(cfg.interleaved_ratio, 1.0, 1.0), image_size=cfg.image_size)
     answers = [model.encode_answer(e.answer) for e in tqdm(mix, desc="encode warm-up answers", disable=None)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.warmup_lr, weight_decay=0.0)
-    start = 0
-    if state:
-        opt.load_state_dict(state["optimizer"]); start = state["iter"]
-        torch.set_rng_state(state["rng"])
+    start = resume(opt, state)
     rng = random.Random(cfg.seed + start)
     model.train()
     for it in tqdm(range(start, cfg.warmup_iters), desc="warm-up", initial=start, total=cfg.warmup_iters, disable=None if rank() == 0 else True):
@@ -625,8 +583,7 @@ def warmup(cfg, log):
         for g in opt.param_groups:
             g["lr"] = lr_it
         t0 = time.time()
-        pick = rng.sample(range(len(mix)), min(cfg.warmup_batch_size, len(mix)))  # the global batch, on every rank
-        pick = pick[rank()::world_size()]  # this rank's share
+        pick = rng.sample(range(len(mix)), min(cfg.warmup_batch_size, len(mix)))[rank()::world_size()]  # the global batch, this rank's share
         batch = make_batch(model, [mix[i] for i in pick], [answers[i] for i in pick])
         with autocast(cfg, dev):
             logp, _ = sequence_logprobs(model, batch)
@@ -635,11 +592,7 @@ def warmup(cfg, log):
         loss = -(logp * m).sum() / (all_sum(m.sum()) / world_size())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"warm-up loss is {loss.item()} at iter {it}; lower --warmup_lr (now {cfg.warmup_lr}) or check the data")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(params)
-        gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        gn = optimizer_step(opt, loss, cfg.grad_clip)
         if it % cfg.log_interval == 0 or it == cfg.warmup_iters - 1:
             img = batch.is_image.to(dev) & m.bool()
             txt = m.bool() & ~img
@@ -647,7 +600,7 @@ def warmup(cfg, log):
                        grad_norm=gn.item(), lr=lr_it, sec=time.time() - t0)
             log(dict(stage="warmup", iter=it, **mean_over_ranks(row, dict(loss_text=txt.sum().item(), loss_image=img.sum().item()))))
         if (it + 1) % cfg.ckpt_interval == 0 or it + 1 == cfg.warmup_iters:
-            save_checkpoint(model, ckpt, dict(iter=it + 1, optimizer=opt.state_dict(), rng=torch.get_rng_state()))
+            save_checkpoint(model, ckpt, trainer_state(opt, it + 1))
     model.eval()
     write_storyboard(model, cfg, "warmup", cfg.warmup_iters)
 
@@ -743,35 +696,29 @@ def score_rollout(model, ro, examples, critic, scorer, cfg):
 
 
 def grpo(cfg, log):
-    dev = resolve_device(cfg)
-    ckpt, init = os.path.join(cfg.out_dir, "grpo"), os.path.join(cfg.out_dir, "warmup")
+    """Stage 2: GRPO from the warm-up model, which stays frozen as the KL reference."""
+    dev, ckpt, init = resolve_device(cfg), os.path.join(cfg.out_dir, "grpo"), os.path.join(cfg.out_dir, "warmup")
     state = load_state(ckpt)
     if state and state["iter"] >= cfg.grpo_iters:
         print(f"grpo: complete checkpoint found in {ckpt}")
         return
     torch.manual_seed(cfg.seed)
-    # float32 master weights under bf16 autocast; with LoRA only the adapters train, so the frozen base
-    # may sit in the compute dtype
+    # float32 master weights under bf16 autocast; with LoRA only the adapters train, so the base may be in --dtype
     dtype = getattr(torch, cfg.dtype)
     pdtype = dtype if cfg.lora_rank else torch.float32
-    policy = load_model(ckpt, dev, pdtype) if state else load_model(init, dev, pdtype, cfg.lora_rank, cfg.lora_alpha)
-    policy = for_training(policy, cfg)
+    policy = for_training(load_model(ckpt, dev, pdtype) if state else load_model(init, dev, pdtype, cfg.lora_rank, cfg.lora_alpha), cfg)
     lora = getattr(policy, "lora", None) is not None
     if state and lora != (cfg.lora_rank > 0):
         raise SystemExit(f"error: {ckpt} was trained {'with' if lora else 'without'} LoRA; "
                          "resume with the same --lora_rank or use a new --out_dir")
-    # the reference is the frozen warm-up model: with LoRA the policy's own base (adapters off, see
-    # reference_logprobs), else a second copy in the compute dtype; with kl_beta = 0 it is never loaded
+    # the reference: with LoRA the policy's own base (adapters off), else a copy in --dtype; none if kl_beta = 0
     ref = None if cfg.kl_beta <= 0 else policy if lora else load_model(init, dev, dtype, 0).requires_grad_(False)
     critic, scorer = build_scorers(cfg, policy.tokenizer, dev)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    start = 0
+    start = resume(opt, state)
     if state:
-        opt.load_state_dict(state["optimizer"]); start = state["iter"]
-        torch.set_rng_state(state["rng"])
         print(f"grpo: resuming from {ckpt} at iter {start}")
-    prompts_pool = rl_prompts(cfg)
-    rng = random.Random(cfg.seed + 1000 + start)
+    prompts_pool, rng = rl_prompts(cfg), random.Random(cfg.seed + 1000 + start)
     score_fn = lambda ro, group: score_rollout(policy, ro, group, critic, scorer, cfg)
     k = cfg.prompts_per_step // world_size()
     mine = range(rank() * k, (rank() + 1) * k)  # this rank's prompts of the global batch
@@ -785,16 +732,16 @@ def grpo(cfg, log):
         if it % cfg.log_interval == 0 or it + 1 == cfg.grpo_iters:
             log({"stage": "grpo", "iter": it, **metrics})
         if (it + 1) % cfg.ckpt_interval == 0 or it + 1 == cfg.grpo_iters:
-            save_checkpoint(policy, ckpt, dict(iter=it + 1, optimizer=opt.state_dict(), rng=torch.get_rng_state()))
+            save_checkpoint(policy, ckpt, trainer_state(opt, it + 1))
         if (it + 1) % cfg.storyboard_interval == 0 or it + 1 == cfg.grpo_iters:
             write_storyboard(policy, cfg, "grpo", it + 1)
 
 
 def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
-    """One GRPO iteration: sample G rollouts per prompt, score them, advantages, inner epochs of the
-    clipped objective. score_fn(rollout, examples) -> dict with "reward" [B] and "step_tensor" [B, S].
-    Under DDP `examples` are this rank's prompts (whole groups, so advantages need no communication);
-    gradients and metrics are averaged over ranks so that they equal one process on the global batch."""
+    """One GRPO iteration: G rollouts per prompt, scores, advantages, inner epochs of the clipped objective.
+    score_fn(rollout, examples) -> dict with "reward" [B] and "step_tensor" [B, S]. Under DDP `examples` are
+    this rank's prompts (whole groups: advantages need no communication); gradients and metrics are averaged
+    over ranks, so they equal one process on the global batch."""
     dev, G = policy.device, cfg.group_size
     group = [e for e in examples for _ in range(G)]  # a group = G rollouts of one prompt, adjacent rows
     amp = lambda: autocast(cfg, dev)
@@ -819,7 +766,6 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
     n_tokens = all_sum(mask.sum()) / world_size()
     t3 = time.time()
     policy.train()
-    params = [p for g in opt.param_groups for p in g["params"]]
     nan = float("nan")  # what the metrics say when a non-finite loss stops the update before a step
     first, gn = dict(entropy=nan, kl=nan), torch.tensor(nan)
     for epoch in range(cfg.inner_epochs):
@@ -829,11 +775,7 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
                              cfg.clip_eps, cfg.kl_beta, cfg.loss_type, n_tokens)
         if all_sum(torch.isfinite(loss).float()) < world_size():  # every rank stops together
             break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(params)
-        gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        gn = optimizer_step(opt, loss, cfg.grad_clip)
         if epoch == 0:  # KL and entropy of the policy that sampled (the ratio is 1 here)
             first = dict(entropy=(ent * mask).sum().item() / mask.sum().item(), kl=st["kl"])
     policy.eval()
@@ -910,11 +852,9 @@ def atomic_dir(path, write):
 
 
 def save_checkpoint(model, path, state):
-    """Full weights, or for a LoRA model only its adapters (a few MB for a 7B model): adapter_config.json
-    names the base they sit on (the folder it was loaded from; relative to `path` when local, so out_dir
-    can move) and load_model follows it; eval and the next stage load either kind the same way.
-    Written by the master alone (all ranks hold the same weights); the others wait, so that none goes
-    on to read a checkpoint that is still being written."""
+    """Full weights, or a LoRA model's adapters alone (a few MB for 7B), whose adapter_config.json names their
+    base (relative to `path` when local, so out_dir can move); load_model reads either kind. The master
+    writes; the others wait, so that none reads a checkpoint still being written."""
     def write(d):
         if getattr(model, "lora", None) is not None:
             conf = model.lora.peft_config["default"]
@@ -929,6 +869,20 @@ def save_checkpoint(model, path, state):
     if rank() == 0:
         atomic_dir(path, write)
     barrier()
+
+
+def trainer_state(opt, it):
+    """What a run needs to resume besides the weights: the iteration, AdamW's moments, torch's RNG."""
+    return dict(iter=it, optimizer=opt.state_dict(), rng=torch.get_rng_state())
+
+
+def resume(opt, state):
+    """Restore a trainer_state into the optimizer and torch's RNG; the iteration to go on from (0: none)."""
+    if not state:
+        return 0
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state["iter"]
 
 
 def load_state(path):
@@ -976,6 +930,23 @@ def make_logger(cfg):
 
 # -----------------------------------------------------------------------------
 # Memory per GPU on paper (--dry_run)
+
+
+# Janus-Pro's language trunks (DeepSeek-LLM, as in the released config.json): hidden, MLP, layers, heads.
+# Both have a 102400-token vocabulary, SigLIP-L/16 at 384 px for understanding and a 16384-code VQ for
+# generation (transformers' JanusConfig defaults): 2.08B and 7.41B parameters in all.
+JANUS_PRO = {"janus-pro-1b": (2048, 5632, 24, 16), "janus-pro-7b": (4096, 11008, 30, 32)}
+
+
+def janus_pro_config(name):
+    """Janus-Pro's architecture written out (no download): for --dry_run and tests/gpu_check.py."""
+    from transformers import JanusConfig
+    H, I, L, A = JANUS_PRO[name]
+    return JanusConfig(text_config=dict(model_type="llama", hidden_size=H, intermediate_size=I, num_hidden_layers=L,
+                                        num_attention_heads=A, num_key_value_heads=A, vocab_size=102400,
+                                        max_position_embeddings=16384, tie_word_embeddings=False),
+                       vision_config=dict(projection_dim=H), vq_config=dict(projection_dim=H, image_token_embed_dim=H),
+                       tie_word_embeddings=False)
 
 
 def memory_estimate(cfg):
@@ -1083,17 +1054,15 @@ def mean_over_ranks(metrics, weights):
 
 def broadcast_from_master(model):
     """Every rank starts from the master's weights (what DDP's constructor does)."""
-    for t in model.state_dict().values() if world_size() > 1 else ():
+    if world_size() == 1:
+        return
+    for t in model.state_dict().values():
         torch.distributed.broadcast(t, 0)
 
 
 def average_gradients(params):
-    """What DDP's wrapper does after backward, written out. We do not wrap the policy in
-    DistributedDataParallel because (1) our forward is not module.forward: the teacher-forced log-probs
-    call the trunk and the two heads directly, which DDP's reducer never sees being prepared, and
-    (2) which parameters get a gradient differs per rank (a rank whose rows hold no image token never
-    touches the generation head), which DDP handles only with find_unused_parameters. A GRPO step's
-    time goes to sampling, so not overlapping this with backward costs little."""
+    """What DDP's wrapper does after backward, by hand: our loss does not come from module.forward, and ranks
+    touch different parameters (no image token, no generation-head gradient). README, "Full scale"."""
     if world_size() == 1:
         return
     has = all_sum(torch.tensor([float(p.grad is not None) for p in params]))
@@ -1107,6 +1076,17 @@ def average_gradients(params):
         p.grad /= world_size()
 
 
+def optimizer_step(opt, loss, grad_clip):
+    """backward, gradients averaged over ranks, clipped, one AdamW step; returns the norm before clipping."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(params)
+    gn = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    return gn
+
+
 def autocast(cfg, dev):
     """bf16 compute (matmuls, attention) over float32 weights: AdamW's small steps survive in float32."""
     return torch.autocast(torch.device(dev).type, torch.bfloat16, enabled=cfg.dtype == "bfloat16")
@@ -1116,6 +1096,14 @@ def for_training(model, cfg):
     if cfg.grad_checkpointing:  # non-reentrant: works when the inputs need no grad (frozen embeddings, LoRA)
         model.janus.activation_checkpointing_enable({"use_reentrant": False})
     return model
+
+
+def finished(cfg, name):
+    """Whether out_dir holds a complete `name` stage (the toy world's `prepare` is not needed with --model)."""
+    if name == "prepare":
+        return bool(cfg.model) or os.path.exists(os.path.join(cfg.out_dir, "prepare", "tokenizer"))
+    state = load_state(os.path.join(cfg.out_dir, name))
+    return bool(state) and state["iter"] >= (cfg.warmup_iters if name == "warmup" else cfg.grpo_iters)
 
 
 def main(argv=None):
@@ -1135,15 +1123,10 @@ def main(argv=None):
         raise SystemExit(f"error: --prompts_per_step={cfg.prompts_per_step} must be divisible by the number of processes "
                          f"({world_size()}): each rank samples whole groups; change it or --nproc_per_node")
     log = make_logger(cfg)
-    for name in todo:
-        skip = False
-        if name != cfg.stage:
-            done = os.path.exists(os.path.join(cfg.out_dir, name if name != "prepare" else "prepare/tokenizer"))
-            state = load_state(os.path.join(cfg.out_dir, name)) if name != "prepare" else None
-            iters = cfg.warmup_iters if name == "warmup" else cfg.grpo_iters
-            skip = (name == "prepare" and bool(cfg.model)) or bool(done and (name == "prepare" or (state and state["iter"] >= iters)))
-            if not skip:
-                print(f"{cfg.stage}: no finished {name} stage in {cfg.out_dir}; running it first")
+    for name in todo:  # a later stage on an empty out_dir runs the missing earlier ones first
+        skip = name != cfg.stage and finished(cfg, name)
+        if name != cfg.stage and not skip:
+            print(f"{cfg.stage}: no finished {name} stage in {cfg.out_dir}; running it first")
         barrier()  # every rank has looked at out_dir before the master writes to it
         if skip:
             continue
@@ -1153,7 +1136,7 @@ def main(argv=None):
             barrier()
         elif name == "warmup":
             warmup(cfg, log)
-        elif name == "grpo":
+        else:
             grpo(cfg, log)
     if cfg.stage == "eval" and rank() == 0:
         import eval as evaluation  # eval.py imports this file; importing it here at run time keeps that one-way
