@@ -558,10 +558,11 @@ def warmup(cfg, log):
         print(f"warm-up: complete checkpoint found in {ckpt}")
         return
     torch.manual_seed(cfg.seed)
+    # float32 master weights (bf16 autocast computes): a bf16 weight would swallow small updates
     if state:
-        model = load_model(ckpt, dev, getattr(torch, cfg.dtype))
+        model = load_model(ckpt, dev, torch.float32)
         print(f"warm-up: resuming from {ckpt} at iter {state['iter']}")
-    elif cfg.model:  # float32 master weights (bf16 autocast computes): a bf16 weight would swallow small updates
+    elif cfg.model:
         model = load_model(cfg.model, dev, torch.float32, cfg.lora_rank, cfg.lora_alpha)
     else:
         tok, vq, _ = load_prepared(cfg)
