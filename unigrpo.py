@@ -13,7 +13,7 @@ the warm-up model.
     python unigrpo.py --stage grpo --preset janus-pro-7b --dry_run
 
 Read top to bottom: config, model wrapper, interleaved sampler, log-probs, warm-up, GRPO maths,
-GRPO loop, checkpoints/storyboards, main.
+GRPO loop, prepare/checkpoints/storyboards, the --dry_run memory estimate, DDP, main.
 """
 import contextlib, datetime, difflib, importlib.util, json, math, os, random, shutil, sys, time
 from ast import literal_eval
@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import data
 import rewards
+
 
 # -----------------------------------------------------------------------------
 # default config values (override from the command line: --key value or --key=value)
@@ -99,7 +100,6 @@ PRESETS = {  # the paper's recipe, one flag away (see README, "Full scale")
                          grad_checkpointing=True),
 }
 # -----------------------------------------------------------------------------
-
 
 def get_config(argv):
     """nanoGPT-style configurator: --key value / --key=value, type-checked against the defaults."""
@@ -409,10 +409,12 @@ def sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max_
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     out = {k: [] for k in ("ids", "is_image", "step", "logp", "mask")}
     V = max(model.janus.config.text_config.vocab_size, model.janus.config.vq_config.num_embeddings)
+    gens = generator if isinstance(generator, (list, tuple)) else [generator]
     for _ in range(max_new_tokens):
         # Gumbel-max: argmax(log p + g) is a draw from p. g is drawn for every row at every step, so a row's
         # stream does not depend on the other rows' modes or lengths
-        gumbel = -torch.log(-torch.log(_uniform(B, V, generator, dev)))
+        u = torch.cat([torch.rand(B // len(gens), V, generator=g, device=dev) for g in gens])
+        gumbel = -torch.log(-torch.log(u))
         in_image = (img_left > 0) & ~done
         in_text = ~in_image & ~force_eoi & ~done
         tok = torch.full((B,), model.pad_id, dtype=torch.long, device=dev)
@@ -451,12 +453,6 @@ def sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max_
         next_pos = next_pos + 1
     st = {k: torch.stack(v, 1) for k, v in out.items()}
     return Rollout(prompt_ids[:B], prompt_mask[:B], context[:B], st["ids"], st["is_image"], st["step"], st["logp"], st["mask"], finished)
-
-
-def _uniform(B, V, generator, dev):
-    if isinstance(generator, (list, tuple)):
-        return torch.cat([torch.rand(B // len(generator), V, generator=g, device=dev) for g in generator])
-    return torch.rand(B, V, generator=generator, device=dev)
 
 
 def decode_rollout(model, ro):
@@ -795,9 +791,8 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
 
 def rl_prompts(cfg):
     """GRPO prompts: the interleaved task families from the RL split (never seen in warm-up)."""
-    n = 400
     return [e for task in ("story", "howto", "continuation")
-            for e in data.make_examples(task, n, "rl", seed=cfg.seed, image_size=cfg.image_size)]
+            for e in data.make_examples(task, 400, "rl", seed=cfg.seed, image_size=cfg.image_size)]
 
 
 # -----------------------------------------------------------------------------
@@ -1099,6 +1094,10 @@ def for_training(model, cfg):
     return model
 
 
+# -----------------------------------------------------------------------------
+# main: the stages in order; a later stage on an empty out_dir runs the missing earlier ones first
+
+
 def finished(cfg, name):
     """Whether out_dir holds a complete `name` stage (the toy world's `prepare` is not needed with --model)."""
     if name == "prepare":
@@ -1124,7 +1123,7 @@ def main(argv=None):
         raise SystemExit(f"error: --prompts_per_step={cfg.prompts_per_step} must be divisible by the number of processes "
                          f"({world_size()}): each rank samples whole groups; change it or --nproc_per_node")
     log = make_logger(cfg)
-    for name in todo:  # a later stage on an empty out_dir runs the missing earlier ones first
+    for name in todo:
         skip = name != cfg.stage and finished(cfg, name)
         if name != cfg.stage and not skip:
             print(f"{cfg.stage}: no finished {name} stage in {cfg.out_dir}; running it first")
