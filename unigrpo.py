@@ -676,7 +676,8 @@ def grpo(cfg, log):
     # float32 master weights under bf16 autocast; with LoRA only the adapters train, so the base may be in --dtype
     dtype = getattr(torch, cfg.dtype)
     pdtype = dtype if cfg.lora_rank else torch.float32
-    policy = for_training(load_model(ckpt, dev, pdtype) if state else load_model(init, dev, pdtype, cfg.lora_rank, cfg.lora_alpha), cfg)
+    policy = load_model(ckpt, dev, pdtype) if state else load_model(init, dev, pdtype, cfg.lora_rank, cfg.lora_alpha)
+    policy = for_training(policy, cfg)
     lora = getattr(policy, "lora", None) is not None
     if state and lora != (cfg.lora_rank > 0):
         raise SystemExit(f"error: {ckpt} was trained {'with' if lora else 'without'} LoRA; "
