@@ -40,7 +40,9 @@ Real data (the full-scale warm-up) comes as JSONL, one JSON object per line:
 `load_jsonl` checks every line and raises ValueError("<file>:<line>: <what is wrong and how to fix>").
 """
 
+import base64
 import hashlib
+import io
 import json
 import math
 import random
@@ -688,3 +690,47 @@ def load_jsonl(path, image_size: int | None = None) -> list:
             examples.append(Example(record["task"], prompt, answer, states=[],
                                     ref_texts=[v for kind, v in answer if kind == "text"]))
     return examples
+
+
+# -----------------------------------------------------------------------------
+# storyboards: decoded trajectories as an HTML page (images inline) and a PNG sheet, one strip a row
+
+def save_storyboard(base, title, rows, size=96):
+    """rows: (prompt text, segments) pairs, a segment ("text", str) or ("image", PIL or None: cut short).
+    Writes base.html and base.png, because people would rather look at interleaved output than token ids."""
+    html, strips = [f"<html><body style='font-family:sans-serif'><h2>{title}</h2>"], []
+    for prompt, segs in rows:
+        html.append(f"<hr><p><b>prompt:</b> {prompt}</p><p><b>sample:</b> ")
+        strip = Image.new("RGB", (size * (1 + max(1, len(segs))), size), "white")
+        draw = ImageDraw.Draw(strip)
+        draw.multiline_text((2, 2), _wrap(prompt, 16), fill="black")
+        for j, (kind, x) in enumerate(segs):
+            if kind == "text":
+                html.append(f"{x} ")
+                draw.multiline_text((size * (j + 1) + 2, 2), _wrap(x, 16), fill="navy")
+            elif x is None:
+                html.append("[truncated image] ")
+            else:
+                im, buf = x.resize((size, size), Image.NEAREST), io.BytesIO()
+                im.save(buf, format="PNG")
+                html.append(f"<img src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}' "
+                            "style='vertical-align:middle'> ")
+                strip.paste(im, (size * (j + 1), 0))
+        html.append("</p>")
+        strips.append(strip)
+    with open(base + ".html", "w") as f:
+        f.write("\n".join(html) + "</body></html>")
+    sheet = Image.new("RGB", (max(s.width for s in strips), size * len(strips)), "white")
+    for i, s in enumerate(strips):
+        sheet.paste(s, (0, size * i))
+    sheet.save(base + ".png")
+
+
+def _wrap(text, width):
+    words, lines, cur = text.split(), [], ""
+    for w in words:
+        if len(cur) + len(w) + 1 > width:
+            lines.append(cur); cur = w
+        else:
+            cur = (cur + " " + w).strip()
+    return "\n".join(lines + [cur])

@@ -13,15 +13,14 @@ the warm-up model.
     python unigrpo.py --stage grpo --preset janus-pro-7b --dry_run
 
 Read top to bottom: config, model wrapper, interleaved sampler, log-probs, warm-up, GRPO maths,
-GRPO loop, checkpoints/storyboards, main.
+GRPO loop, prepare/checkpoints/storyboards, the --dry_run memory estimate, DDP, main.
 """
-import base64, contextlib, copy, datetime, difflib, importlib.util, io, json, math, os, random, shutil, sys, time
+import contextlib, datetime, difflib, importlib.util, json, math, os, random, shutil, sys, time
 from ast import literal_eval
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -101,10 +100,9 @@ PRESETS = {  # the paper's recipe, one flag away (see README, "Full scale")
 }
 # -----------------------------------------------------------------------------
 
-
 def get_config(argv):
     """nanoGPT-style configurator: --key value / --key=value, type-checked against the defaults."""
-    cfg, seen, i = dict(DEFAULTS), {}, 0
+    seen, i = {}, 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
@@ -125,16 +123,13 @@ def get_config(argv):
                 raise SystemExit(f"error: --{key} needs a value")
         seen[key] = _coerce(key, val)
         i += 1
-    if seen.get("preset", cfg["preset"]):
-        name = seen.get("preset", cfg["preset"])
-        if name not in PRESETS:
-            raise SystemExit(f"error: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        cfg.update(PRESETS[name])
-    cfg.update(seen)  # explicit flags win over the preset
-    if cfg["stage"] not in ("prepare", "warmup", "grpo", "eval"):
-        raise SystemExit(f"error: --stage must be prepare, warmup, grpo or eval, not {cfg['stage']!r}")
-    if cfg["loss_type"] not in ("sequence", "token"):
-        raise SystemExit(f"error: --loss_type must be sequence or token, not {cfg['loss_type']!r}")
+    name = seen.get("preset", DEFAULTS["preset"])
+    if name and name not in PRESETS:
+        raise SystemExit(f"error: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = {**DEFAULTS, **PRESETS.get(name, {}), **seen}  # explicit flags win over the preset
+    for key, choices in (("stage", ("prepare", "warmup", "grpo", "eval")), ("loss_type", ("sequence", "token"))):
+        if cfg[key] not in choices:
+            raise SystemExit(f"error: --{key} must be one of {', '.join(choices)}, not {cfg[key]!r}")
     if cfg["group_size"] < 2:
         raise SystemExit("error: --group_size must be at least 2 (advantages are relative to the group)")
     for key in ("lora_rank", "lora_alpha", "cfg_scale"):
@@ -142,40 +137,33 @@ def get_config(argv):
             raise SystemExit(f"error: --{key} must be >= 0, not {cfg[key]} (--lora_rank=0 and --cfg_scale=1 turn them off)")
     return SimpleNamespace(**cfg)
 
-
 def _coerce(key, val):
     want = type(DEFAULTS[key])
     if want is str:
         return val
     if want is bool:
-        if val.lower() in ("1", "true", "yes", "on"):
-            return True
-        if val.lower() in ("0", "false", "no", "off"):
-            return False
-        raise SystemExit(f"error: --{key} expects a boolean (true/false), got {val!r}")
+        flag = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+        if val.lower() not in flag:
+            raise SystemExit(f"error: --{key} expects a boolean (true/false), got {val!r}")
+        return flag[val.lower()]
     try:
         parsed = literal_eval(val)
     except (ValueError, SyntaxError):
         parsed = None
-    if want is float and isinstance(parsed, int) and not isinstance(parsed, bool):
+    if want is float and type(parsed) is int:
         parsed = float(parsed)
     if type(parsed) is not want:
         raise SystemExit(f"error: --{key} expects {want.__name__} (default {DEFAULTS[key]!r}), got {val!r}")
     return parsed
 
-
 # -----------------------------------------------------------------------------
 # The unified model: one trunk, two heads, two input embeddings
 
-
 class UnifiedModel(torch.nn.Module):
-    """The parts of JanusForConditionalGeneration the method needs, under names that read like it.
-
-    Text tokens are embedded by the LM's token embedding and predicted by the LM head; image tokens
-    (VQ codes) are embedded by the generation embedding + aligner and predicted by the generation
-    head. Context images in a prompt go through the understanding path (SigLIP + aligner) at
-    <image_placeholder> positions. One trunk serves both, so one trajectory holds both modalities.
-    """
+    """The parts of JanusForConditionalGeneration the method needs, under names that read like it: text
+    tokens in by the token embedding, out by the LM head; image tokens (VQ codes) in by the generation
+    embedding + aligner, out by the generation head; context images by the understanding path (SigLIP +
+    aligner) at <image_placeholder> slots. One trunk serves both, so one trajectory holds both modalities."""
 
     def __init__(self, janus, tokenizer, chat=False):
         super().__init__()
@@ -238,10 +226,8 @@ class UnifiedModel(torch.nn.Module):
         x = torch.stack([self.pixels(im) for im in images]).to(self.device)
         return self.janus.model.vqmodel.encode(x).image_tokens.view(len(images), -1)
 
-    @torch.no_grad()
     def vq_decode(self, codes):
-        x = self.janus.model.vqmodel.decode(codes.to(self.device))
-        return [data.to_image(t) for t in x.float().cpu()]
+        return data.vq_decode(self.janus.model.vqmodel, codes)
 
     def embed(self, ids, is_image):
         """Per-token input embedding: text table for text tokens, generation embedding for image codes."""
@@ -293,23 +279,6 @@ def tiny_janus(tokenizer, vq, cfg):
     return janus
 
 
-# Janus-Pro's language trunks (DeepSeek-LLM, as in the released config.json): hidden, MLP, layers, heads.
-# Both have a 102400-token vocabulary, SigLIP-L/16 at 384 px for understanding and a 16384-code VQ for
-# generation (transformers' JanusConfig defaults): 2.08B and 7.41B parameters in all.
-JANUS_PRO = {"janus-pro-1b": (2048, 5632, 24, 16), "janus-pro-7b": (4096, 11008, 30, 32)}
-
-
-def janus_pro_config(name):
-    """Janus-Pro's architecture written out (no download): for --dry_run and tests/gpu_check.py."""
-    from transformers import JanusConfig
-    H, I, L, A = JANUS_PRO[name]
-    return JanusConfig(text_config=dict(model_type="llama", hidden_size=H, intermediate_size=I, num_hidden_layers=L,
-                                        num_attention_heads=A, num_key_value_heads=A, vocab_size=102400,
-                                        max_position_embeddings=16384, tie_word_embeddings=False),
-                       vision_config=dict(projection_dim=H), vq_config=dict(projection_dim=H, image_token_embed_dim=H),
-                       tie_word_embeddings=False)
-
-
 def load_model(path, device, dtype=torch.float32, lora_rank=None, lora_alpha=16, four_bit=None):
     """Any Janus folder saved by save_pretrained (ours or a hub id) with its tokenizer, or a LoRA checkpoint
     of ours (adapter_config.json: adapters over the base it names). lora_rank=None keeps a checkpoint's
@@ -353,10 +322,8 @@ def load_model(path, device, dtype=torch.float32, lora_rank=None, lora_alpha=16,
         model.lora.peft_config["default"].base_model_name_or_path = path  # this folder (merged adapters included)
     return model
 
-
 # -----------------------------------------------------------------------------
 # The interleaved sampler
-
 
 @dataclass
 class Rollout:
@@ -372,12 +339,6 @@ class Rollout:
     mask: torch.Tensor            # [B, T] 1 for sampled tokens; 0 for forced <end_of_image> and padding
     finished: torch.Tensor        # [B] bool: ended with EOS inside the limits
 
-    def rows(self, idx):
-        pick = lambda t: t[idx]
-        return Rollout(pick(self.prompt_ids), pick(self.prompt_mask), [self.context[i] for i in idx.tolist()],
-                       pick(self.ids), pick(self.is_image), pick(self.step), pick(self.logp), pick(self.mask), pick(self.finished))
-
-
 def pad_prompts(model, prompts):
     enc = [model.encode_prompt(p) for p in prompts]
     P = max(len(ids) for ids, _ in enc)
@@ -387,26 +348,20 @@ def pad_prompts(model, prompts):
         prompt_ids[i, P - len(ids):], prompt_mask[i, P - len(ids):] = torch.tensor(ids), 1
     return prompt_ids, prompt_mask, [px for _, px in enc]
 
-
 def _stack_context(context, device):
     flat = [x for row in context for x in row]
     return torch.stack(flat).to(device) if flat else None
 
-
 def unconditional_ids(model, ids, is_image):
-    """CFG's unconditional branch: the same sequence with every text token (prompt and generated text alike)
-    replaced by <pad>; BOS, image codes, context images and the <begin/end_of_image> markers stay. This is
-    Janus's recipe for one image (pad all but BOS and <begin_of_image>) carried to interleaved trajectories:
-    earlier images are in both branches, so guidance amplifies what the text asks for, not agreement with
-    the earlier images (which stays the conditional branch's business)."""
+    """CFG's unconditional branch: every text token (prompt and generated) becomes <pad>; BOS, image codes,
+    context images and the image markers stay. Janus's recipe for one image, carried to interleaved output:
+    earlier images are in both branches, so guidance amplifies what the text asks for."""
     keep = is_image | (ids == model.bos_id) | (ids == model.boi_id) | (ids == model.eoi_id) | (ids == model.image_id)
     return torch.where(keep, ids, model.pad_id)
 
-
 def head_logprobs(model, h, image, temperature, h_uncond=None, cfg_scale=1.0):
-    """log pi(. | h) for one modality, shared by the sampler and sequence_logprobs so both use one distribution:
-    text from the LM head (never guided); image codes from the generation head, with classifier-free
-    guidance l_u + s (l_c - l_u) when the unconditional hidden states are given; then the temperature."""
+    """log pi(. | h) for one modality, the one distribution of the sampler and sequence_logprobs: text from
+    the LM head; image codes from the generation head, guided l_u + s (l_c - l_u) if h_uncond is given."""
     if not image:
         return torch.log_softmax(model.text_logits(h).float() / temperature, dim=-1)
     logits = model.image_logits(h).float()
@@ -415,18 +370,14 @@ def head_logprobs(model, h, image, temperature, h_uncond=None, cfg_scale=1.0):
         logits = uncond + cfg_scale * (logits - uncond)
     return torch.log_softmax(logits / temperature, dim=-1)
 
-
 @torch.no_grad()
 def sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max_text_tokens=32, max_images=4, generator=None,
                        cfg_scale=1.0):
-    """Batched interleaved decoding with a KV cache. Every row is in text or image mode; one forward
-    step serves all rows: text-mode rows read the LM head, image-mode rows the generation head.
-    The model decides where an image goes by emitting <begin_of_image>; then exactly
+    """Batched interleaved decoding with a KV cache; one forward serves all rows, text-mode rows read the
+    LM head, image-mode rows the generation head. The model opens an image with <begin_of_image>; then
     n_image_tokens codes are sampled and <end_of_image> is forced; a row stops at EOS or a limit.
-    CFG (cfg_scale != 1): rows B..2B-1 of every forward are the unconditional twins of rows 0..B-1, kept in
-    step through text too since any step may open an image; with cfg_scale == 1 there are no extra rows.
-    `generator`: one torch.Generator for the batch, or a list of them, one per group of consecutive rows
-    (then a row's draws depend on its group's seed alone, not on which rows share its batch: DDP)."""
+    CFG: rows B..2B-1 are the unconditional twins of rows 0..B-1 (through text too: any step may open an image).
+    `generator`: one, or a list with one per group of rows (a group's draws then ignore the batch: DDP)."""
     dev = model.device
     prompt_ids, prompt_mask, context = pad_prompts(model, prompts)
     prompt_ids, prompt_mask = prompt_ids.to(dev), prompt_mask.to(dev)
@@ -451,10 +402,12 @@ def sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max_
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     out = {k: [] for k in ("ids", "is_image", "step", "logp", "mask")}
     V = max(model.janus.config.text_config.vocab_size, model.janus.config.vq_config.num_embeddings)
+    gens = generator if isinstance(generator, (list, tuple)) else [generator]
     for _ in range(max_new_tokens):
         # Gumbel-max: argmax(log p + g) is a draw from p. g is drawn for every row at every step, so a row's
         # stream does not depend on the other rows' modes or lengths
-        gumbel = -torch.log(-torch.log(_uniform(B, V, generator, dev)))
+        u = torch.cat([torch.rand(B // len(gens), V, generator=g, device=dev) for g in gens])
+        gumbel = -torch.log(-torch.log(u))
         in_image = (img_left > 0) & ~done
         in_text = ~in_image & ~force_eoi & ~done
         tok = torch.full((B,), model.pad_id, dtype=torch.long, device=dev)
@@ -494,17 +447,9 @@ def sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max_
     st = {k: torch.stack(v, 1) for k, v in out.items()}
     return Rollout(prompt_ids[:B], prompt_mask[:B], context[:B], st["ids"], st["is_image"], st["step"], st["logp"], st["mask"], finished)
 
-
-def _uniform(B, V, generator, dev):
-    if isinstance(generator, (list, tuple)):
-        return torch.cat([torch.rand(B // len(generator), V, generator=g, device=dev) for g in generator])
-    return torch.rand(B, V, generator=generator, device=dev)
-
-
 def decode_rollout(model, ro):
-    """Rollout -> per row (segments, step index of each segment). A step's tokens become ("text", str)
-    or, for a complete grid of codes, ("image", PIL); a grid cut short by a limit is ("image", None).
-    An empty text step is kept only when it opens an image (then it is a format error for r_f)."""
+    """Rollout -> per row (segments, step of each segment): ("text", str), ("image", PIL) for a full grid,
+    ("image", None) for one cut short; an empty text step is kept only if it opens an image (r_f's business)."""
     N, special = model.n_image_tokens, {model.boi_id, model.eoi_id, model.eos_id, model.pad_id}
     rows, grids = [], []
     for b in range(ro.ids.shape[0]):
@@ -532,16 +477,13 @@ def decode_rollout(model, ro):
             rows[b][0][i] = ("image", im)
     return rows
 
-
 # -----------------------------------------------------------------------------
 # Teacher-forced log-probs over both heads (used by warm-up, the policy, and the reference)
 
-
 def sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale=1.0):
-    """log pi(o_t | q, o_<t) for every generated token, with the sampler's temperature and guidance, so
-    that on-policy the ratio is exactly 1. The hidden state at position t predicts token t+1: the
-    one at <begin_of_image> predicts image code 0 through the generation head. With CFG the gradient flows
-    through both branches (in one forward): the policy optimised is the guided one that sampled."""
+    """log pi(o_t | q, o_<t) of every generated token, with the sampler's temperature and guidance, so that
+    on-policy the ratio is exactly 1. The hidden state at <begin_of_image> predicts image code 0. With CFG
+    the gradient flows through both branches: the policy optimised is the guided one that sampled."""
     dev = model.device
     ids = torch.cat([ro.prompt_ids, ro.ids], 1).to(dev)
     is_image = torch.cat([torch.zeros_like(ro.prompt_ids, dtype=torch.bool), ro.is_image], 1).to(dev)
@@ -567,18 +509,14 @@ def sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale=
                 ent[rows] = -(lsm.exp() * lsm).sum(-1).detach()
     return logp, ent
 
-
 def reference_logprobs(ref, ro, cfg):
-    """log pi_ref of a rollout, without a graph. With LoRA, ref is the policy itself with its adapters
-    switched off (the base is the warm-up model), not a second copy in memory."""
+    """log pi_ref of a rollout, no graph. With LoRA, ref is the policy with its adapters off (no second copy)."""
     off = ref.lora.disable_adapter() if getattr(ref, "lora", None) is not None else contextlib.nullcontext()
     with torch.no_grad(), off:
         return sequence_logprobs(ref, ro, cfg.temperature, cfg_scale=cfg.cfg_scale)[0]
 
-
 # -----------------------------------------------------------------------------
 # Stage 1: warm-up on the hybrid mix
-
 
 def make_batch(model, examples, answers=None):
     """Examples -> a teacher-forcing Rollout (prompt left-padded, answer right-padded). `answers` may
@@ -594,21 +532,19 @@ def make_batch(model, examples, answers=None):
     z = torch.zeros_like(ids)
     return Rollout(prompt_ids, prompt_mask, context, ids, is_image, z, z.float(), mask, torch.ones(len(enc), dtype=torch.bool))
 
-
 def warmup(cfg, log):
     """Plain next-token NLL over text and image tokens alike (stage 1)."""
-    dev = resolve_device(cfg)
-    ckpt = os.path.join(cfg.out_dir, "warmup")
+    dev, ckpt = resolve_device(cfg), os.path.join(cfg.out_dir, "warmup")
     state = load_state(ckpt)
     if state and state["iter"] >= cfg.warmup_iters:
         print(f"warm-up: complete checkpoint found in {ckpt}")
         return
     torch.manual_seed(cfg.seed)
+    # float32 master weights (bf16 autocast computes): a bf16 weight would swallow small updates
     if state:
-        model = load_model(ckpt, dev, getattr(torch, cfg.dtype))
+        model = load_model(ckpt, dev, torch.float32)
         print(f"warm-up: resuming from {ckpt} at iter {state['iter']}")
     elif cfg.model:
-        # float32 master weights (bf16 autocast computes): a bf16 weight would swallow small updates
         model = load_model(cfg.model, dev, torch.float32, cfg.lora_rank, cfg.lora_alpha)
     else:
         tok, vq, _ = load_prepared(cfg)
@@ -617,17 +553,12 @@ def warmup(cfg, log):
             print("warm-up: the toy model trains from scratch, so all of it trains; --lora_rank applies from GRPO on")
     broadcast_from_master(model)
     model = for_training(model, cfg)
-    if cfg.warmup_data:
-        mix = data.load_jsonl(cfg.warmup_data)
-    else:
-        mix = data.warmup_mix(cfg.n_understanding, seed=cfg.seed, ratio=(cfg.interleaved_ratio, 1.0, 1.0), image_size=cfg.image_size)
+    mix = data.load_jsonl(cfg.warmup_data) if cfg.warmup_data else data.warmup_mix(
+        cfg.n_understanding, seed=cfg.seed, ratio=(cfg.interleaved_ratio, 1.0, 1.0), image_size=cfg.image_size)
     answers = [model.encode_answer(e.answer) for e in tqdm(mix, desc="encode warm-up answers", disable=None)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.warmup_lr, weight_decay=0.0)
-    start = 0
-    if state:
-        opt.load_state_dict(state["optimizer"]); start = state["iter"]
-        torch.set_rng_state(state["rng"])
+    start = resume(opt, state)
     rng = random.Random(cfg.seed + start)
     model.train()
     for it in tqdm(range(start, cfg.warmup_iters), desc="warm-up", initial=start, total=cfg.warmup_iters, disable=None if rank() == 0 else True):
@@ -635,8 +566,7 @@ def warmup(cfg, log):
         for g in opt.param_groups:
             g["lr"] = lr_it
         t0 = time.time()
-        pick = rng.sample(range(len(mix)), min(cfg.warmup_batch_size, len(mix)))  # the global batch, on every rank
-        pick = pick[rank()::world_size()]  # this rank's share
+        pick = rng.sample(range(len(mix)), min(cfg.warmup_batch_size, len(mix)))[rank()::world_size()]  # the global batch, this rank's share
         batch = make_batch(model, [mix[i] for i in pick], [answers[i] for i in pick])
         with autocast(cfg, dev):
             logp, _ = sequence_logprobs(model, batch)
@@ -645,11 +575,7 @@ def warmup(cfg, log):
         loss = -(logp * m).sum() / (all_sum(m.sum()) / world_size())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"warm-up loss is {loss.item()} at iter {it}; lower --warmup_lr (now {cfg.warmup_lr}) or check the data")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(params)
-        gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        gn = optimizer_step(opt, loss, cfg.grad_clip)
         if it % cfg.log_interval == 0 or it == cfg.warmup_iters - 1:
             img = batch.is_image.to(dev) & m.bool()
             txt = m.bool() & ~img
@@ -657,21 +583,18 @@ def warmup(cfg, log):
                        grad_norm=gn.item(), lr=lr_it, sec=time.time() - t0)
             log(dict(stage="warmup", iter=it, **mean_over_ranks(row, dict(loss_text=txt.sum().item(), loss_image=img.sum().item()))))
         if (it + 1) % cfg.ckpt_interval == 0 or it + 1 == cfg.warmup_iters:
-            save_checkpoint(model, ckpt, dict(iter=it + 1, optimizer=opt.state_dict(), rng=torch.get_rng_state()))
+            save_checkpoint(model, ckpt, trainer_state(opt, it + 1))
     model.eval()
     write_storyboard(model, cfg, "warmup", cfg.warmup_iters)
 
-
 # -----------------------------------------------------------------------------
 # GRPO maths: each equation of PAPER.md, once
-
 
 def group_advantages(rewards, group_size, eps=1e-4):
     """Outcome advantage A_i = (R_i - mean(R)) / std(R) within each group of G rollouts of one prompt.
     std is the unbiased one, as in TRL; eps keeps an all-equal group at exactly 0 (not NaN)."""
     r = rewards.view(-1, group_size)
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
-
 
 def process_advantages(step_rewards, token_step, group_size, eps=1e-4):
     """DeepSeekMath process supervision: normalise every step reward of the group by the mean/std of
@@ -688,12 +611,10 @@ def process_advantages(step_rewards, token_step, group_size, eps=1e-4):
     suffix = torch.cat([suffix, torch.zeros(B, 1)], 1)  # tokens past the last step get 0
     return suffix.gather(1, token_step.clamp(max=S))
 
-
 def k3_kl(logp, ref_logp):
     """Unbiased, always-positive KL(pi_theta || pi_ref) estimator per token (Schulman's k3)."""
     d = ref_logp - logp
     return torch.exp(d) - d - 1
-
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_beta=0.04, loss_type="sequence", n_tokens=None):
     """The unified clipped objective, over text and image tokens of one trajectory alike:
@@ -713,10 +634,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_beta=
         stats = dict(kl=kl[m].mean().item() if m.any() else 0.0, clip_ratio=clipped[m].float().mean().item() if m.any() else 0.0)
     return -J, stats
 
-
 # -----------------------------------------------------------------------------
 # Stage 2: GRPO
-
 
 def build_scorers(cfg, tokenizer, dev):
     """The reward models: r_t's critic and r_v's visual scorer (toy ones trained in `prepare`)."""
@@ -732,7 +651,6 @@ def build_scorers(cfg, tokenizer, dev):
     else:
         raise SystemExit(f"error: unknown --visual_scorer {name!r}; use clip, clip_weak, openclip:ARCH/PRETRAINED or imagereward")
     return critic, scorer
-
 
 def score_rollout(model, ro, examples, critic, scorer, cfg):
     """Decode, then the hybrid reward per trajectory and per step (step rewards laid out [B, S])."""
@@ -751,17 +669,15 @@ def score_rollout(model, ro, examples, critic, scorer, cfg):
     out["step_tensor"], out["decoded"] = steps, decoded
     return out
 
-
 def grpo(cfg, log):
-    dev = resolve_device(cfg)
-    ckpt, init = os.path.join(cfg.out_dir, "grpo"), os.path.join(cfg.out_dir, "warmup")
+    """Stage 2: GRPO from the warm-up model, which stays frozen as the KL reference."""
+    dev, ckpt, init = resolve_device(cfg), os.path.join(cfg.out_dir, "grpo"), os.path.join(cfg.out_dir, "warmup")
     state = load_state(ckpt)
     if state and state["iter"] >= cfg.grpo_iters:
         print(f"grpo: complete checkpoint found in {ckpt}")
         return
     torch.manual_seed(cfg.seed)
-    # float32 master weights under bf16 autocast; with LoRA only the adapters train, so the frozen base
-    # may sit in the compute dtype
+    # float32 master weights under bf16 autocast; with LoRA only the adapters train, so the base may be in --dtype
     dtype = getattr(torch, cfg.dtype)
     pdtype = dtype if cfg.lora_rank else torch.float32
     policy = load_model(ckpt, dev, pdtype) if state else load_model(init, dev, pdtype, cfg.lora_rank, cfg.lora_alpha)
@@ -770,18 +686,14 @@ def grpo(cfg, log):
     if state and lora != (cfg.lora_rank > 0):
         raise SystemExit(f"error: {ckpt} was trained {'with' if lora else 'without'} LoRA; "
                          "resume with the same --lora_rank or use a new --out_dir")
-    # the reference is the frozen warm-up model: with LoRA the policy's own base (adapters off, see
-    # reference_logprobs), else a second copy in the compute dtype; with kl_beta = 0 it is never loaded
+    # the reference: with LoRA the policy's own base (adapters off), else a copy in --dtype; none if kl_beta = 0
     ref = None if cfg.kl_beta <= 0 else policy if lora else load_model(init, dev, dtype, 0).requires_grad_(False)
     critic, scorer = build_scorers(cfg, policy.tokenizer, dev)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    start = 0
+    start = resume(opt, state)
     if state:
-        opt.load_state_dict(state["optimizer"]); start = state["iter"]
-        torch.set_rng_state(state["rng"])
         print(f"grpo: resuming from {ckpt} at iter {start}")
-    prompts_pool = rl_prompts(cfg)
-    rng = random.Random(cfg.seed + 1000 + start)
+    prompts_pool, rng = rl_prompts(cfg), random.Random(cfg.seed + 1000 + start)
     score_fn = lambda ro, group: score_rollout(policy, ro, group, critic, scorer, cfg)
     k = cfg.prompts_per_step // world_size()
     mine = range(rank() * k, (rank() + 1) * k)  # this rank's prompts of the global batch
@@ -795,16 +707,15 @@ def grpo(cfg, log):
         if it % cfg.log_interval == 0 or it + 1 == cfg.grpo_iters:
             log({"stage": "grpo", "iter": it, **metrics})
         if (it + 1) % cfg.ckpt_interval == 0 or it + 1 == cfg.grpo_iters:
-            save_checkpoint(policy, ckpt, dict(iter=it + 1, optimizer=opt.state_dict(), rng=torch.get_rng_state()))
+            save_checkpoint(policy, ckpt, trainer_state(opt, it + 1))
         if (it + 1) % cfg.storyboard_interval == 0 or it + 1 == cfg.grpo_iters:
             write_storyboard(policy, cfg, "grpo", it + 1)
 
-
 def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
-    """One GRPO iteration: sample G rollouts per prompt, score them, advantages, inner epochs of the
-    clipped objective. score_fn(rollout, examples) -> dict with "reward" [B] and "step_tensor" [B, S].
-    Under DDP `examples` are this rank's prompts (whole groups, so advantages need no communication);
-    gradients and metrics are averaged over ranks so that they equal one process on the global batch."""
+    """One GRPO iteration: G rollouts per prompt, scores, advantages, inner epochs of the clipped objective.
+    score_fn(rollout, examples) -> dict with "reward" [B] and "step_tensor" [B, S]. Under DDP `examples` are
+    this rank's prompts (whole groups: advantages need no communication); gradients and metrics are averaged
+    over ranks, so they equal one process on the global batch."""
     dev, G = policy.device, cfg.group_size
     group = [e for e in examples for _ in range(G)]  # a group = G rollouts of one prompt, adjacent rows
     amp = lambda: autocast(cfg, dev)
@@ -829,7 +740,6 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
     n_tokens = all_sum(mask.sum()) / world_size()
     t3 = time.time()
     policy.train()
-    params = [p for g in opt.param_groups for p in g["params"]]
     nan = float("nan")  # what the metrics say when a non-finite loss stops the update before a step
     first, gn = dict(entropy=nan, kl=nan), torch.tensor(nan)
     for epoch in range(cfg.inner_epochs):
@@ -839,11 +749,7 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
                              cfg.clip_eps, cfg.kl_beta, cfg.loss_type, n_tokens)
         if all_sum(torch.isfinite(loss).float()) < world_size():  # every rank stops together
             break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(params)
-        gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        gn = optimizer_step(opt, loss, cfg.grad_clip)
         if epoch == 0:  # KL and entropy of the policy that sampled (the ratio is 1 here)
             first = dict(entropy=(ent * mask).sum().item() / mask.sum().item(), kl=st["kl"])
     policy.eval()
@@ -859,17 +765,13 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
     n = m.sum().item()  # per-token means weigh by the rank's tokens; the rest are means over equal rows or groups
     return mean_over_ranks(metrics, {"kl": n, "clip_ratio": n, "entropy": n})
 
-
 def rl_prompts(cfg):
     """GRPO prompts: the interleaved task families from the RL split (never seen in warm-up)."""
-    n = 400
     return [e for task in ("story", "howto", "continuation")
-            for e in data.make_examples(task, n, "rl", seed=cfg.seed, image_size=cfg.image_size)]
-
+            for e in data.make_examples(task, 400, "rl", seed=cfg.seed, image_size=cfg.image_size)]
 
 # -----------------------------------------------------------------------------
 # Prepare, checkpoints, storyboards, logging
-
 
 def prepare(cfg):
     """Toy world: text tokenizer, VQ image tokenizer and the tiny CLIP for r_v, cached in out_dir/prepare."""
@@ -894,18 +796,15 @@ def prepare(cfg):
             print(f"prepare: tiny CLIP ({name}) {json.dumps(stats)}")
             atomic_dir(os.path.join(root, name), lambda d: rewards.save_clip(scorer, d))
 
-
 def _load_tokenizer(root):
     from transformers import PreTrainedTokenizerFast
     return PreTrainedTokenizerFast.from_pretrained(os.path.join(root, "tokenizer"))
-
 
 def load_prepared(cfg):
     from transformers import JanusVQVAE
     root = os.path.join(cfg.out_dir, "prepare")
     tok = _load_tokenizer(root)
     return tok, JanusVQVAE.from_pretrained(os.path.join(root, "vq")), root
-
 
 def atomic_dir(path, write):
     """Write a folder atomically: into a temp folder, then rename over the old one, so a killed run
@@ -919,13 +818,10 @@ def atomic_dir(path, write):
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
 
-
 def save_checkpoint(model, path, state):
-    """Full weights, or for a LoRA model only its adapters (a few MB for a 7B model): adapter_config.json
-    names the base they sit on (the folder it was loaded from; relative to `path` when local, so out_dir
-    can move) and load_model follows it; eval and the next stage load either kind the same way.
-    Written by the master alone (all ranks hold the same weights); the others wait, so that none goes
-    on to read a checkpoint that is still being written."""
+    """Full weights, or a LoRA model's adapters alone (a few MB for 7B), whose adapter_config.json names their
+    base (relative to `path` when local, so out_dir can move); load_model reads either kind. The master
+    writes; the others wait, so that none reads a checkpoint still being written."""
     def write(d):
         if getattr(model, "lora", None) is not None:
             conf = model.lora.peft_config["default"]
@@ -941,6 +837,17 @@ def save_checkpoint(model, path, state):
         atomic_dir(path, write)
     barrier()
 
+def trainer_state(opt, it):
+    """What a run needs to resume besides the weights: the iteration, AdamW's moments, torch's RNG."""
+    return dict(iter=it, optimizer=opt.state_dict(), rng=torch.get_rng_state())
+
+def resume(opt, state):
+    """Restore a trainer_state into the optimizer and torch's RNG; the iteration to go on from (0: none)."""
+    if not state:
+        return 0
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state["iter"]
 
 def load_state(path):
     if not os.path.exists(path) and os.path.exists(path + ".old"):
@@ -949,63 +856,22 @@ def load_state(path):
     f = os.path.join(path, "trainer_state.pt")
     return torch.load(f, weights_only=False) if os.path.exists(f) else None
 
-
 def write_storyboard(model, cfg, stage_name, it, n=6):
-    """Sample a few held-out prompts and write an HTML page (images inline) and a PNG strip (master only)."""
-    from PIL import Image, ImageDraw
+    """Sample a few held-out prompts; data.save_storyboard draws them (master only)."""
     if rank() > 0:
         return
     examples = [e for task in ("story", "howto") for e in data.make_examples(task, n // 2, "eval", seed=cfg.seed, image_size=cfg.image_size)]
     gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
     ro = sample_interleaved(model, [e.prompt for e in examples], cfg.temperature, cfg.max_new_tokens, cfg.max_text_tokens, cfg.max_images,
                             generator=gen, cfg_scale=cfg.cfg_scale)
-    decoded = decode_rollout(model, ro)
     os.makedirs(os.path.join(cfg.out_dir, "storyboards"), exist_ok=True)
-    base = os.path.join(cfg.out_dir, "storyboards", f"{stage_name}_{it:05d}")
-    html = [f"<html><body style='font-family:sans-serif'><h2>{stage_name} iter {it}</h2>"]
-    S, rowsimg = 96, []
-    for e, (segs, _) in zip(examples, decoded):
-        prompt = " ".join(x for k, x in e.prompt if k == "text")
-        html.append(f"<hr><p><b>prompt:</b> {prompt}</p><p><b>sample:</b> ")
-        strip = Image.new("RGB", (S * (1 + max(1, len(segs))), S), "white")
-        d = ImageDraw.Draw(strip)
-        d.multiline_text((2, 2), _wrap(prompt, 16), fill="black")
-        for j, (k, x) in enumerate(segs):
-            if k == "text":
-                html.append(f"{x} ")
-                d.multiline_text((S * (j + 1) + 2, 2), _wrap(x, 16), fill="navy")
-            elif x is None:
-                html.append("[truncated image] ")
-            else:
-                buf = io.BytesIO(); x.resize((S, S), Image.NEAREST).save(buf, format="PNG")
-                html.append(f"<img src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}' style='vertical-align:middle'> ")
-                strip.paste(x.resize((S, S), Image.NEAREST), (S * (j + 1), 0))
-        html.append("</p>")
-        rowsimg.append(strip)
-    with open(base + ".html", "w") as f:
-        f.write("\n".join(html) + "</body></html>")
-    W = max(r.width for r in rowsimg)
-    sheet = Image.new("RGB", (W, S * len(rowsimg)), "white")
-    for i, r in enumerate(rowsimg):
-        sheet.paste(r, (0, S * i))
-    sheet.save(base + ".png")
-
-
-def _wrap(text, width):
-    words, lines, cur = text.split(), [], ""
-    for w in words:
-        if len(cur) + len(w) + 1 > width:
-            lines.append(cur); cur = w
-        else:
-            cur = (cur + " " + w).strip()
-    return "\n".join(lines + [cur])
-
+    data.save_storyboard(os.path.join(cfg.out_dir, "storyboards", f"{stage_name}_{it:05d}"), f"{stage_name} iter {it}",
+                         [(" ".join(x for k, x in e.prompt if k == "text"), segs) for e, (segs, _) in zip(examples, decode_rollout(model, ro))])
 
 def resolve_device(cfg):
     if cfg.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return cfg.device
-
 
 def make_logger(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -1022,10 +888,23 @@ def make_logger(cfg):
         tqdm.write(f"[{row['stage']}] iter {row['iter']}: {msg} | {secs:.2f}s")
     return log
 
-
 # -----------------------------------------------------------------------------
 # Memory per GPU on paper (--dry_run)
 
+# Janus-Pro's language trunks (DeepSeek-LLM, as in the released config.json): hidden, MLP, layers, heads.
+# Both have a 102400-token vocabulary, SigLIP-L/16 at 384 px for understanding and a 16384-code VQ for
+# generation (transformers' JanusConfig defaults): 2.08B and 7.41B parameters in all.
+JANUS_PRO = {"janus-pro-1b": (2048, 5632, 24, 16), "janus-pro-7b": (4096, 11008, 30, 32)}
+
+def janus_pro_config(name):
+    """Janus-Pro's architecture written out (no download): for --dry_run and tests/gpu_check.py."""
+    from transformers import JanusConfig
+    H, I, L, A = JANUS_PRO[name]
+    return JanusConfig(text_config=dict(model_type="llama", hidden_size=H, intermediate_size=I, num_hidden_layers=L,
+                                        num_attention_heads=A, num_key_value_heads=A, vocab_size=102400,
+                                        max_position_embeddings=16384, tie_word_embeddings=False),
+                       vision_config=dict(projection_dim=H), vq_config=dict(projection_dim=H, image_token_embed_dim=H),
+                       tie_word_embeddings=False)
 
 def memory_estimate(cfg):
     """Bytes per GPU, (full fine-tune, LoRA) per row, from the architecture alone: the model is built on
@@ -1063,7 +942,6 @@ def memory_estimate(cfg):
     return dict(name=name, params=n_all, lora_params=n_lora, lora_rank=lora_r, world=world, rows=rows, tokens=T,
                 table=table, peak=peak, selected="LoRA" if cfg.lora_rank else "full fine-tune")
 
-
 def format_memory(est):
     if est is None:
         return "memory estimate: only for --preset janus-pro-1b / janus-pro-7b or a local --model folder"
@@ -1079,11 +957,9 @@ def format_memory(est):
         "activations + logits and the sampling KV cache; not counted: reward models (ViT-L-14 ~1.7 GB), CUDA context.",
         "FSDP is not implemented: DDP keeps all of the above on every GPU; where full fine-tune exceeds 80 GB, use --lora_rank."])
 
-
 # -----------------------------------------------------------------------------
 # DDP, as nanoGPT wires it: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE, one process per GPU (or CPU
 # slot); every rank samples and trains on its share of the global batch, the master writes the files
-
 
 def ddp_init(cfg):
     """Join torchrun's process group (nccl on CUDA, gloo on CPU); False when not launched by torchrun."""
@@ -1098,19 +974,15 @@ def ddp_init(cfg):
         sys.stdout = open(os.devnull, "w")  # one voice: the master prints; errors still reach stderr
     return True
 
-
 def rank():
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
 
 def world_size():
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
-
 def barrier():
     if world_size() > 1:
         torch.distributed.barrier()
-
 
 def all_sum(x):
     """x summed over ranks (x itself in one process); nccl reduces CUDA tensors, gloo CPU ones."""
@@ -1120,7 +992,6 @@ def all_sum(x):
     torch.distributed.all_reduce(y)
     return y.to(x.device)
 
-
 def mean_over_ranks(metrics, weights):
     """Average a dict of floats over ranks; a key in `weights` is weighted by that rank's count (tokens)."""
     if world_size() == 1:
@@ -1129,20 +1000,16 @@ def mean_over_ranks(metrics, weights):
     s = all_sum(torch.stack([torch.tensor([float(v) for v in metrics.values()], dtype=torch.float64) * w, w]))
     return dict(zip(metrics, (s[0] / s[1].clamp(min=1e-30)).tolist()))
 
-
 def broadcast_from_master(model):
     """Every rank starts from the master's weights (what DDP's constructor does)."""
-    for t in model.state_dict().values() if world_size() > 1 else ():
+    if world_size() == 1:
+        return
+    for t in model.state_dict().values():
         torch.distributed.broadcast(t, 0)
 
-
 def average_gradients(params):
-    """What DDP's wrapper does after backward, written out. We do not wrap the policy in
-    DistributedDataParallel because (1) our forward is not module.forward: the teacher-forced log-probs
-    call the trunk and the two heads directly, which DDP's reducer never sees being prepared, and
-    (2) which parameters get a gradient differs per rank (a rank whose rows hold no image token never
-    touches the generation head), which DDP handles only with find_unused_parameters. A GRPO step's
-    time goes to sampling, so not overlapping this with backward costs little."""
+    """What DDP's wrapper does after backward, by hand: our loss does not come from module.forward, and ranks
+    touch different parameters (no image token, no generation-head gradient). README, "Full scale"."""
     if world_size() == 1:
         return
     has = all_sum(torch.tensor([float(p.grad is not None) for p in params]))
@@ -1155,17 +1022,34 @@ def average_gradients(params):
     for p in live:
         p.grad /= world_size()
 
+def optimizer_step(opt, loss, grad_clip):
+    """backward, gradients averaged over ranks, clipped, one AdamW step; returns the norm before clipping."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(params)
+    gn = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    return gn
 
 def autocast(cfg, dev):
     """bf16 compute (matmuls, attention) over float32 weights: AdamW's small steps survive in float32."""
     return torch.autocast(torch.device(dev).type, torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-
 
 def for_training(model, cfg):
     if cfg.grad_checkpointing:  # non-reentrant: works when the inputs need no grad (frozen embeddings, LoRA)
         model.janus.activation_checkpointing_enable({"use_reentrant": False})
     return model
 
+# -----------------------------------------------------------------------------
+# main: the stages in order; a later stage on an empty out_dir runs the missing earlier ones first
+
+def finished(cfg, name):
+    """Whether out_dir holds a complete `name` stage (the toy world's `prepare` is not needed with --model)."""
+    if name == "prepare":
+        return bool(cfg.model) or os.path.exists(os.path.join(cfg.out_dir, "prepare", "tokenizer"))
+    state = load_state(os.path.join(cfg.out_dir, name))
+    return bool(state) and state["iter"] >= (cfg.warmup_iters if name == "warmup" else cfg.grpo_iters)
 
 def main(argv=None):
     cfg = get_config(sys.argv[1:] if argv is None else argv)
@@ -1185,14 +1069,9 @@ def main(argv=None):
                          f"({world_size()}): each rank samples whole groups; change it or --nproc_per_node")
     log = make_logger(cfg)
     for name in todo:
-        skip = False
-        if name != cfg.stage:
-            done = os.path.exists(os.path.join(cfg.out_dir, name if name != "prepare" else "prepare/tokenizer"))
-            state = load_state(os.path.join(cfg.out_dir, name)) if name != "prepare" else None
-            iters = cfg.warmup_iters if name == "warmup" else cfg.grpo_iters
-            skip = (name == "prepare" and bool(cfg.model)) or bool(done and (name == "prepare" or (state and state["iter"] >= iters)))
-            if not skip:
-                print(f"{cfg.stage}: no finished {name} stage in {cfg.out_dir}; running it first")
+        skip = name != cfg.stage and finished(cfg, name)
+        if name != cfg.stage and not skip:
+            print(f"{cfg.stage}: no finished {name} stage in {cfg.out_dir}; running it first")
         barrier()  # every rank has looked at out_dir before the master writes to it
         if skip:
             continue
@@ -1202,7 +1081,7 @@ def main(argv=None):
             barrier()
         elif name == "warmup":
             warmup(cfg, log)
-        elif name == "grpo":
+        else:
             grpo(cfg, log)
     if cfg.stage == "eval" and rank() == 0:
         import eval as evaluation  # eval.py imports this file; importing it here at run time keeps that one-way
@@ -1210,7 +1089,6 @@ def main(argv=None):
     if ddp:
         torch.distributed.destroy_process_group()
     return cfg
-
 
 if __name__ == "__main__":
     main()
