@@ -26,6 +26,7 @@ from tqdm import tqdm
 import data
 import rewards
 
+
 # -----------------------------------------------------------------------------
 # default config values (override from the command line: --key value or --key=value)
 # I/O
@@ -137,6 +138,7 @@ def get_config(argv):
             raise SystemExit(f"error: --{key} must be >= 0, not {cfg[key]} (--lora_rank=0 and --cfg_scale=1 turn them off)")
     return SimpleNamespace(**cfg)
 
+
 def _coerce(key, val):
     want = type(DEFAULTS[key])
     if want is str:
@@ -156,8 +158,10 @@ def _coerce(key, val):
         raise SystemExit(f"error: --{key} expects {want.__name__} (default {DEFAULTS[key]!r}), got {val!r}")
     return parsed
 
+
 # -----------------------------------------------------------------------------
 # The unified model: one trunk, two heads, two input embeddings
+
 
 class UnifiedModel(torch.nn.Module):
     """The parts of JanusForConditionalGeneration the method needs, under names that read like it: text
@@ -322,8 +326,10 @@ def load_model(path, device, dtype=torch.float32, lora_rank=None, lora_alpha=16,
         model.lora.peft_config["default"].base_model_name_or_path = path  # this folder (merged adapters included)
     return model
 
+
 # -----------------------------------------------------------------------------
 # The interleaved sampler
+
 
 @dataclass
 class Rollout:
@@ -339,6 +345,7 @@ class Rollout:
     mask: torch.Tensor            # [B, T] 1 for sampled tokens; 0 for forced <end_of_image> and padding
     finished: torch.Tensor        # [B] bool: ended with EOS inside the limits
 
+
 def pad_prompts(model, prompts):
     enc = [model.encode_prompt(p) for p in prompts]
     P = max(len(ids) for ids, _ in enc)
@@ -348,9 +355,11 @@ def pad_prompts(model, prompts):
         prompt_ids[i, P - len(ids):], prompt_mask[i, P - len(ids):] = torch.tensor(ids), 1
     return prompt_ids, prompt_mask, [px for _, px in enc]
 
+
 def _stack_context(context, device):
     flat = [x for row in context for x in row]
     return torch.stack(flat).to(device) if flat else None
+
 
 def unconditional_ids(model, ids, is_image):
     """CFG's unconditional branch: every text token (prompt and generated) becomes <pad>; BOS, image codes,
@@ -358,6 +367,7 @@ def unconditional_ids(model, ids, is_image):
     earlier images are in both branches, so guidance amplifies what the text asks for."""
     keep = is_image | (ids == model.bos_id) | (ids == model.boi_id) | (ids == model.eoi_id) | (ids == model.image_id)
     return torch.where(keep, ids, model.pad_id)
+
 
 def head_logprobs(model, h, image, temperature, h_uncond=None, cfg_scale=1.0):
     """log pi(. | h) for one modality, the one distribution of the sampler and sequence_logprobs: text from
@@ -369,6 +379,7 @@ def head_logprobs(model, h, image, temperature, h_uncond=None, cfg_scale=1.0):
         uncond = model.image_logits(h_uncond).float()
         logits = uncond + cfg_scale * (logits - uncond)
     return torch.log_softmax(logits / temperature, dim=-1)
+
 
 @torch.no_grad()
 def sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max_text_tokens=32, max_images=4, generator=None,
@@ -447,6 +458,7 @@ def sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max_
     st = {k: torch.stack(v, 1) for k, v in out.items()}
     return Rollout(prompt_ids[:B], prompt_mask[:B], context[:B], st["ids"], st["is_image"], st["step"], st["logp"], st["mask"], finished)
 
+
 def decode_rollout(model, ro):
     """Rollout -> per row (segments, step of each segment): ("text", str), ("image", PIL) for a full grid,
     ("image", None) for one cut short; an empty text step is kept only if it opens an image (r_f's business)."""
@@ -477,8 +489,10 @@ def decode_rollout(model, ro):
             rows[b][0][i] = ("image", im)
     return rows
 
+
 # -----------------------------------------------------------------------------
 # Teacher-forced log-probs over both heads (used by warm-up, the policy, and the reference)
+
 
 def sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale=1.0):
     """log pi(o_t | q, o_<t) of every generated token, with the sampler's temperature and guidance, so that
@@ -509,14 +523,17 @@ def sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale=
                 ent[rows] = -(lsm.exp() * lsm).sum(-1).detach()
     return logp, ent
 
+
 def reference_logprobs(ref, ro, cfg):
     """log pi_ref of a rollout, no graph. With LoRA, ref is the policy with its adapters off (no second copy)."""
     off = ref.lora.disable_adapter() if getattr(ref, "lora", None) is not None else contextlib.nullcontext()
     with torch.no_grad(), off:
         return sequence_logprobs(ref, ro, cfg.temperature, cfg_scale=cfg.cfg_scale)[0]
 
+
 # -----------------------------------------------------------------------------
 # Stage 1: warm-up on the hybrid mix
+
 
 def make_batch(model, examples, answers=None):
     """Examples -> a teacher-forcing Rollout (prompt left-padded, answer right-padded). `answers` may
@@ -531,6 +548,7 @@ def make_batch(model, examples, answers=None):
         ids[i, :len(a)], is_image[i, :len(a)], mask[i, :len(a)] = torch.tensor(a), torch.tensor(b), torch.tensor(c, dtype=torch.float)
     z = torch.zeros_like(ids)
     return Rollout(prompt_ids, prompt_mask, context, ids, is_image, z, z.float(), mask, torch.ones(len(enc), dtype=torch.bool))
+
 
 def warmup(cfg, log):
     """Plain next-token NLL over text and image tokens alike (stage 1)."""
@@ -587,14 +605,17 @@ def warmup(cfg, log):
     model.eval()
     write_storyboard(model, cfg, "warmup", cfg.warmup_iters)
 
+
 # -----------------------------------------------------------------------------
 # GRPO maths: each equation of PAPER.md, once
+
 
 def group_advantages(rewards, group_size, eps=1e-4):
     """Outcome advantage A_i = (R_i - mean(R)) / std(R) within each group of G rollouts of one prompt.
     std is the unbiased one, as in TRL; eps keeps an all-equal group at exactly 0 (not NaN)."""
     r = rewards.view(-1, group_size)
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+
 
 def process_advantages(step_rewards, token_step, group_size, eps=1e-4):
     """DeepSeekMath process supervision: normalise every step reward of the group by the mean/std of
@@ -611,10 +632,12 @@ def process_advantages(step_rewards, token_step, group_size, eps=1e-4):
     suffix = torch.cat([suffix, torch.zeros(B, 1)], 1)  # tokens past the last step get 0
     return suffix.gather(1, token_step.clamp(max=S))
 
+
 def k3_kl(logp, ref_logp):
     """Unbiased, always-positive KL(pi_theta || pi_ref) estimator per token (Schulman's k3)."""
     d = ref_logp - logp
     return torch.exp(d) - d - 1
+
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_beta=0.04, loss_type="sequence", n_tokens=None):
     """The unified clipped objective, over text and image tokens of one trajectory alike:
@@ -634,8 +657,10 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_beta=
         stats = dict(kl=kl[m].mean().item() if m.any() else 0.0, clip_ratio=clipped[m].float().mean().item() if m.any() else 0.0)
     return -J, stats
 
+
 # -----------------------------------------------------------------------------
 # Stage 2: GRPO
+
 
 def build_scorers(cfg, tokenizer, dev):
     """The reward models: r_t's critic and r_v's visual scorer (toy ones trained in `prepare`)."""
@@ -651,6 +676,7 @@ def build_scorers(cfg, tokenizer, dev):
     else:
         raise SystemExit(f"error: unknown --visual_scorer {name!r}; use clip, clip_weak, openclip:ARCH/PRETRAINED or imagereward")
     return critic, scorer
+
 
 def score_rollout(model, ro, examples, critic, scorer, cfg):
     """Decode, then the hybrid reward per trajectory and per step (step rewards laid out [B, S])."""
@@ -668,6 +694,7 @@ def score_rollout(model, ro, examples, critic, scorer, cfg):
                 steps[b, s] = r
     out["step_tensor"], out["decoded"] = steps, decoded
     return out
+
 
 def grpo(cfg, log):
     """Stage 2: GRPO from the warm-up model, which stays frozen as the KL reference."""
@@ -710,6 +737,7 @@ def grpo(cfg, log):
             save_checkpoint(policy, ckpt, trainer_state(opt, it + 1))
         if (it + 1) % cfg.storyboard_interval == 0 or it + 1 == cfg.grpo_iters:
             write_storyboard(policy, cfg, "grpo", it + 1)
+
 
 def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
     """One GRPO iteration: G rollouts per prompt, scores, advantages, inner epochs of the clipped objective.
@@ -765,13 +793,16 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
     n = m.sum().item()  # per-token means weigh by the rank's tokens; the rest are means over equal rows or groups
     return mean_over_ranks(metrics, {"kl": n, "clip_ratio": n, "entropy": n})
 
+
 def rl_prompts(cfg):
     """GRPO prompts: the interleaved task families from the RL split (never seen in warm-up)."""
     return [e for task in ("story", "howto", "continuation")
             for e in data.make_examples(task, 400, "rl", seed=cfg.seed, image_size=cfg.image_size)]
 
+
 # -----------------------------------------------------------------------------
 # Prepare, checkpoints, storyboards, logging
+
 
 def prepare(cfg):
     """Toy world: text tokenizer, VQ image tokenizer and the tiny CLIP for r_v, cached in out_dir/prepare."""
@@ -796,15 +827,18 @@ def prepare(cfg):
             print(f"prepare: tiny CLIP ({name}) {json.dumps(stats)}")
             atomic_dir(os.path.join(root, name), lambda d: rewards.save_clip(scorer, d))
 
+
 def _load_tokenizer(root):
     from transformers import PreTrainedTokenizerFast
     return PreTrainedTokenizerFast.from_pretrained(os.path.join(root, "tokenizer"))
+
 
 def load_prepared(cfg):
     from transformers import JanusVQVAE
     root = os.path.join(cfg.out_dir, "prepare")
     tok = _load_tokenizer(root)
     return tok, JanusVQVAE.from_pretrained(os.path.join(root, "vq")), root
+
 
 def atomic_dir(path, write):
     """Write a folder atomically: into a temp folder, then rename over the old one, so a killed run
@@ -817,6 +851,7 @@ def atomic_dir(path, write):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
 
 def save_checkpoint(model, path, state):
     """Full weights, or a LoRA model's adapters alone (a few MB for 7B), whose adapter_config.json names their
@@ -837,9 +872,11 @@ def save_checkpoint(model, path, state):
         atomic_dir(path, write)
     barrier()
 
+
 def trainer_state(opt, it):
     """What a run needs to resume besides the weights: the iteration, AdamW's moments, torch's RNG."""
     return dict(iter=it, optimizer=opt.state_dict(), rng=torch.get_rng_state())
+
 
 def resume(opt, state):
     """Restore a trainer_state into the optimizer and torch's RNG; the iteration to go on from (0: none)."""
@@ -849,12 +886,14 @@ def resume(opt, state):
     torch.set_rng_state(state["rng"])
     return state["iter"]
 
+
 def load_state(path):
     if not os.path.exists(path) and os.path.exists(path + ".old"):
         with contextlib.suppress(FileNotFoundError):  # another rank may have done it first
             os.replace(path + ".old", path)  # a crash between the two renames of atomic_dir
     f = os.path.join(path, "trainer_state.pt")
     return torch.load(f, weights_only=False) if os.path.exists(f) else None
+
 
 def write_storyboard(model, cfg, stage_name, it, n=6):
     """Sample a few held-out prompts; data.save_storyboard draws them (master only)."""
@@ -868,10 +907,12 @@ def write_storyboard(model, cfg, stage_name, it, n=6):
     data.save_storyboard(os.path.join(cfg.out_dir, "storyboards", f"{stage_name}_{it:05d}"), f"{stage_name} iter {it}",
                          [(" ".join(x for k, x in e.prompt if k == "text"), segs) for e, (segs, _) in zip(examples, decode_rollout(model, ro))])
 
+
 def resolve_device(cfg):
     if cfg.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return cfg.device
+
 
 def make_logger(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -888,13 +929,16 @@ def make_logger(cfg):
         tqdm.write(f"[{row['stage']}] iter {row['iter']}: {msg} | {secs:.2f}s")
     return log
 
+
 # -----------------------------------------------------------------------------
 # Memory per GPU on paper (--dry_run)
+
 
 # Janus-Pro's language trunks (DeepSeek-LLM, as in the released config.json): hidden, MLP, layers, heads.
 # Both have a 102400-token vocabulary, SigLIP-L/16 at 384 px for understanding and a 16384-code VQ for
 # generation (transformers' JanusConfig defaults): 2.08B and 7.41B parameters in all.
 JANUS_PRO = {"janus-pro-1b": (2048, 5632, 24, 16), "janus-pro-7b": (4096, 11008, 30, 32)}
+
 
 def janus_pro_config(name):
     """Janus-Pro's architecture written out (no download): for --dry_run and tests/gpu_check.py."""
@@ -905,6 +949,7 @@ def janus_pro_config(name):
                                         max_position_embeddings=16384, tie_word_embeddings=False),
                        vision_config=dict(projection_dim=H), vq_config=dict(projection_dim=H, image_token_embed_dim=H),
                        tie_word_embeddings=False)
+
 
 def memory_estimate(cfg):
     """Bytes per GPU, (full fine-tune, LoRA) per row, from the architecture alone: the model is built on
@@ -942,6 +987,7 @@ def memory_estimate(cfg):
     return dict(name=name, params=n_all, lora_params=n_lora, lora_rank=lora_r, world=world, rows=rows, tokens=T,
                 table=table, peak=peak, selected="LoRA" if cfg.lora_rank else "full fine-tune")
 
+
 def format_memory(est):
     if est is None:
         return "memory estimate: only for --preset janus-pro-1b / janus-pro-7b or a local --model folder"
@@ -957,9 +1003,11 @@ def format_memory(est):
         "activations + logits and the sampling KV cache; not counted: reward models (ViT-L-14 ~1.7 GB), CUDA context.",
         "FSDP is not implemented: DDP keeps all of the above on every GPU; where full fine-tune exceeds 80 GB, use --lora_rank."])
 
+
 # -----------------------------------------------------------------------------
 # DDP, as nanoGPT wires it: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE, one process per GPU (or CPU
 # slot); every rank samples and trains on its share of the global batch, the master writes the files
+
 
 def ddp_init(cfg):
     """Join torchrun's process group (nccl on CUDA, gloo on CPU); False when not launched by torchrun."""
@@ -974,15 +1022,19 @@ def ddp_init(cfg):
         sys.stdout = open(os.devnull, "w")  # one voice: the master prints; errors still reach stderr
     return True
 
+
 def rank():
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
 
 def world_size():
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
+
 def barrier():
     if world_size() > 1:
         torch.distributed.barrier()
+
 
 def all_sum(x):
     """x summed over ranks (x itself in one process); nccl reduces CUDA tensors, gloo CPU ones."""
@@ -992,6 +1044,7 @@ def all_sum(x):
     torch.distributed.all_reduce(y)
     return y.to(x.device)
 
+
 def mean_over_ranks(metrics, weights):
     """Average a dict of floats over ranks; a key in `weights` is weighted by that rank's count (tokens)."""
     if world_size() == 1:
@@ -1000,12 +1053,14 @@ def mean_over_ranks(metrics, weights):
     s = all_sum(torch.stack([torch.tensor([float(v) for v in metrics.values()], dtype=torch.float64) * w, w]))
     return dict(zip(metrics, (s[0] / s[1].clamp(min=1e-30)).tolist()))
 
+
 def broadcast_from_master(model):
     """Every rank starts from the master's weights (what DDP's constructor does)."""
     if world_size() == 1:
         return
     for t in model.state_dict().values():
         torch.distributed.broadcast(t, 0)
+
 
 def average_gradients(params):
     """What DDP's wrapper does after backward, by hand: our loss does not come from module.forward, and ranks
@@ -1022,6 +1077,7 @@ def average_gradients(params):
     for p in live:
         p.grad /= world_size()
 
+
 def optimizer_step(opt, loss, grad_clip):
     """backward, gradients averaged over ranks, clipped, one AdamW step; returns the norm before clipping."""
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -1032,17 +1088,21 @@ def optimizer_step(opt, loss, grad_clip):
     opt.step()
     return gn
 
+
 def autocast(cfg, dev):
     """bf16 compute (matmuls, attention) over float32 weights: AdamW's small steps survive in float32."""
     return torch.autocast(torch.device(dev).type, torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+
 
 def for_training(model, cfg):
     if cfg.grad_checkpointing:  # non-reentrant: works when the inputs need no grad (frozen embeddings, LoRA)
         model.janus.activation_checkpointing_enable({"use_reentrant": False})
     return model
 
+
 # -----------------------------------------------------------------------------
 # main: the stages in order; a later stage on an empty out_dir runs the missing earlier ones first
+
 
 def finished(cfg, name):
     """Whether out_dir holds a complete `name` stage (the toy world's `prepare` is not needed with --model)."""
@@ -1050,6 +1110,7 @@ def finished(cfg, name):
         return bool(cfg.model) or os.path.exists(os.path.join(cfg.out_dir, "prepare", "tokenizer"))
     state = load_state(os.path.join(cfg.out_dir, name))
     return bool(state) and state["iter"] >= (cfg.warmup_iters if name == "warmup" else cfg.grpo_iters)
+
 
 def main(argv=None):
     cfg = get_config(sys.argv[1:] if argv is None else argv)
@@ -1089,6 +1150,7 @@ def main(argv=None):
     if ddp:
         torch.distributed.destroy_process_group()
     return cfg
+
 
 if __name__ == "__main__":
     main()
