@@ -15,8 +15,8 @@ from conftest import bias_text_logits
 from unigrpo import Rollout, make_batch, sample_interleaved, sequence_logprobs
 
 
-def _continuation(n=2):
-    return data.make_examples("continuation", n, "rl", seed=0)
+def _continuation(n=2):  # answers of 2 steps: each row has a context image and two answer images
+    return [e for e in data.make_examples("continuation", 50, "rl", seed=0) if e.n_steps == 2][:n]
 
 
 def test_unconditional_branch_drops_the_text_and_keeps_the_images(tiny):
