@@ -8,7 +8,8 @@
 
 Rows (every time is the median of --repeats runs after one untimed warm-up run; --quick shrinks every size):
 - sampler: `sample_interleaved` against transformers' `generate` on the same tiny Janus (random weights), batch
-  32, temperature 1, full softmax, measured in one run, as tokens/s and their ratio. Text-only: 64 tokens a row
+  32, temperature 1, full softmax, timed in alternating pairs in one run, as tokens/s and the median of the
+  per-pair ratios (robust to the load of a shared machine). Text-only: 64 tokens a row
   (<begin_of_image> and EOS suppressed in ours, min_new_tokens in HF's). Image-only: one image a row, ours
   opening it itself (<begin_of_image> made certain), HF's generation_mode="image" from the prompt +
   <begin_of_image>; both with CFG 2 (HF's image mode always guides); the image codes are counted.
@@ -92,6 +93,20 @@ def median_run(fn, repeats, dev, first=None):
     return sorted(runs, key=lambda r: r[0])[len(runs) // 2]
 
 
+def paired_runs(ours, theirs, repeats, dev):
+    """Median seconds of two warmed-up functions timed in alternating pairs (order swapped every pair), so that
+    both see the same load on a shared machine, and the median of the per-pair ratios theirs/ours."""
+    t = {ours: [], theirs: []}
+    for i in range(max(1, repeats)):
+        for f in ((ours, theirs) if i % 2 == 0 else (theirs, ours)):
+            sync(dev)
+            t0 = time.perf_counter()
+            f()
+            sync(dev)
+            t[f].append(time.perf_counter() - t0)
+    return statistics.median(t[ours]), statistics.median(t[theirs]), statistics.median(b / a for a, b in zip(t[ours], t[theirs]))
+
+
 def _maxrss_mib(who=resource.RUSAGE_SELF):
     r = resource.getrusage(who).ru_maxrss
     return r / 2**20 if sys.platform == "darwin" else r / 1024  # bytes on macOS, KiB on Linux
@@ -156,7 +171,8 @@ def prompts_mix(n, image_size):
 
 @torch.no_grad()
 def sampler_rows(cfg, dev, batch, new_tokens, repeats):
-    """Our sampler and HF generate on one model, text-only then image-only: [(name, setting, ours, hf)]."""
+    """Our sampler and HF generate on one model, text-only then image-only:
+    [(name, setting, our tokens/s, HF's tokens/s, median per-pair throughput ratio)]."""
     m = tiny_model(cfg, dev)
     prompts = [e.prompt for e in data.make_examples("story", batch, "rl", seed=0, image_size=cfg.image_size)]
     ids, mask, _ = unigrpo.pad_prompts(m, prompts)
@@ -165,29 +181,33 @@ def sampler_rows(cfg, dev, batch, new_tokens, repeats):
     same = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=m.pad_id)  # full softmax at T = 1
     rows = []
 
+    def compare(name, setting, ours, theirs, count_ours, count_theirs):
+        n_ours, n_hf = count_ours(ours()), count_theirs(theirs())  # also the warm-up calls
+        t_ours, t_hf, ratio = paired_runs(ours, theirs, repeats, dev)
+        rows.append((name, setting, n_ours / t_ours, n_hf / t_hf, ratio * n_ours / n_hf))
+        return n_ours, n_hf
+
+    # HF's generate reads janus.lm_head directly, so the bias on our text_logits steers our sampler alone
     bias_text_logits(m, boi_id=-1e4, eos_id=-1e4)
-    t_ours, ro = median_run(lambda: unigrpo.sample_interleaved(m, prompts, 1.0, new_tokens, new_tokens + 1, generator=gen()), repeats, dev)
-    del m.text_logits
-    n_ours = int(ro.mask.sum())
-    t_hf, out = median_run(lambda: m.janus.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                                     min_new_tokens=new_tokens, eos_token_id=m.eos_id, **same), repeats, dev)
-    n_hf = (out.shape[1] - ids.shape[1]) * batch
-    rows.append(("text-only", f"batch {batch} x {new_tokens} tokens, no CFG", n_ours / t_ours, n_hf / t_hf))
+    compare("text-only", f"batch {batch} x {new_tokens} tokens, no CFG",
+            lambda: unigrpo.sample_interleaved(m, prompts, 1.0, new_tokens, new_tokens + 1, generator=gen()),
+            lambda: m.janus.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                     eos_token_id=m.eos_id, **same),
+            lambda ro: int(ro.mask.sum()), lambda out: (out.shape[1] - ids.shape[1]) * batch)
 
     N = m.n_image_tokens
     bias_text_logits(m, boi_id=1e4)
-    t_ours, ro = median_run(lambda: unigrpo.sample_interleaved(m, prompts, 1.0, N + 1, max_images=1, generator=gen(), cfg_scale=2.0),
-                             repeats, dev)
-    del m.text_logits
-    n_ours = int((ro.is_image & ro.mask.bool()).sum())
     img_ids = torch.cat([ids, torch.full((batch, 1), m.boi_id, device=dev)], 1)
     img_mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=dev)], 1)
     m.janus.generation_config.generation_kwargs = {"boi_token_id": m.boi_id}  # HF's image mode needs it
-    t_hf, out = median_run(lambda: m.janus.generate(input_ids=img_ids, attention_mask=img_mask, generation_mode="image",
-                                                     guidance_scale=2.0, bos_token_id=m.bos_id, **same), repeats, dev)
-    if n_ours != batch * N or out.numel() != batch * N:
-        raise RuntimeError(f"image-only: ours wrote {n_ours} and HF {out.numel()} image tokens, expected {batch} x {N}")
-    rows.append(("image-only", f"batch {batch} x 1 image, {grid_note(m, cfg)}, CFG 2", n_ours / t_ours, out.numel() / t_hf))
+    counts = compare("image-only", f"batch {batch} x 1 image, {grid_note(m, cfg)}, CFG 2",
+                     lambda: unigrpo.sample_interleaved(m, prompts, 1.0, N + 1, max_images=1, generator=gen(), cfg_scale=2.0),
+                     lambda: m.janus.generate(input_ids=img_ids, attention_mask=img_mask, generation_mode="image",
+                                              guidance_scale=2.0, bos_token_id=m.bos_id, **same),
+                     lambda ro: int((ro.is_image & ro.mask.bool()).sum()), lambda out: out.numel())
+    if counts != (batch * N, batch * N):
+        raise RuntimeError(f"image-only: ours wrote {counts[0]} and HF {counts[1]} image tokens, expected {batch} x {N}")
+    del m.text_logits
     return rows
 
 
@@ -432,8 +452,9 @@ def main(argv=None):
     batch = 4 if q else 32
     sampler = sampler_rows(cfg, dev, batch, 8 if q else 64, repeats)
     mem = peak_memory(dev, start)
-    for name, setting, ours, hf in sampler:
-        rows.append((f"sampler, {name}", setting, f"{ours / hf:.2f}x", f"ours {ours:.0f} tok/s vs HF generate {hf:.0f} tok/s", mem))
+    for name, setting, ours, hf, ratio in sampler:
+        rows.append((f"sampler, {name}", setting, f"{ratio:.2f}x", f"ours {ours:.0f} tok/s vs HF generate {hf:.0f} tok/s "
+                     "(medians; the ratio is the median of paired runs)", mem))
     sweep, calls = grpo_sweep(cfg, dev, Gs=(2,) if q else (2, 4, 8), ks=(1,) if q else (1, 2, 3, 4), grids=(16, 64),
                               base_G=2 if q else 4, base_k=1 if q else 2, n_prompts=2 if q else 8, repeats=repeats)
     rows += sweep

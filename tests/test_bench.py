@@ -7,7 +7,7 @@ import unigrpo
 def test_sampler_rows_compare_like_with_like():
     rows = bench.sampler_rows(unigrpo.get_config([]), "cpu", batch=2, new_tokens=4, repeats=1)
     assert [r[0] for r in rows] == ["text-only", "image-only"]
-    assert all(r[2] > 0 and r[3] > 0 for r in rows), rows  # tokens/s, ours and HF's
+    assert all(r[2] > 0 and r[3] > 0 and r[4] > 0 for r in rows), rows  # tokens/s, ours and HF's, their ratio
 
 
 def test_grpo_step_counts_catch_double_work(monkeypatch):
