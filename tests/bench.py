@@ -1,104 +1,487 @@
-"""Speed benchmark (not collected by pytest): python tests/bench.py [--out_dir out]
+"""Speed benchmark (not collected by pytest): prints the command, the machine and ONE markdown table.
 
-Prints one table:
-  1. the interleaved sampler against transformers' own `generate` on the same tiny Janus, same batch:
-     text-only (our sampler with <begin_of_image>/EOS suppressed) and image-only (our sampler forced
-     to open one image), both samplers with classifier-free guidance 2 (HF's image mode always guides);
-  2. a GRPO step split into sampling, scoring, reference log-probs and update, for G = 2, 4, 8
-     (needs a finished `out_dir` from `python unigrpo.py --stage grpo`; skipped otherwise);
-  3. peak RSS.
+    python tests/bench.py                  # CPU, one torch thread: a few minutes
+    python tests/bench.py --quick          # smoke run of every row on tiny sizes: seconds
+    python tests/bench.py --pipeline       # + `python unigrpo.py --stage grpo` from an empty out_dir: minutes
+    python tests/bench.py --out_dir out    # + a GRPO step of the trained checkpoint in out/grpo (real rollouts)
+    python tests/bench.py --device cuda --repeats 5
+
+Rows (every time is the median of --repeats runs after one untimed warm-up run; --quick shrinks every size):
+- sampler: `sample_interleaved` against transformers' `generate` on the same tiny Janus (random weights), batch
+  32, temperature 1, full softmax, timed in alternating pairs in one run, as tokens/s and the median of the
+  per-pair ratios (robust to the load of a shared machine). Text-only: 64 tokens a row
+  (<begin_of_image> and EOS suppressed in ours, min_new_tokens in HF's). Image-only: one image a row, ours
+  opening it itself (<begin_of_image> made certain), HF's generation_mode="image" from the prompt +
+  <begin_of_image>; both with CFG 2 (HF's image mode always guides); the image codes are counted.
+- GRPO step: `grpo_step` with its own timers (sampling, reward scoring, reference log-probs, policy update), a
+  random-weight policy, an untrained toy CLIP and the toy critic, lr 0 and the same rollout seeds in every
+  repeat (so every repeat does the same work), 8 prompts (story, how-to, continuation); G = 2, 4, 8 at k = 2
+  images per trajectory, k = 1..4 at G = 4, and 16 / 64 tokens per image at G = 4, k = 2.
+  Images per trajectory are forced to exactly k: EOS is suppressed, <begin_of_image> gets the logit bias that
+  makes it the next text token with probability P_BOI (text segments of ~3 tokens), and max_images=k ends a
+  row when it opens image k+1; the token budget k*(N+2) + (k+1)*max_text_tokens never binds.
+  Tokens per image N: the default config's grid, and tiny Janus models with image_size 32 and patch 8 (4x4 =
+  16) or patch 4 (8x8 = 64); random-weight VQ.
+- calls per GRPO step: the functions grpo_step reaches are wrapped and counted for one step, and the verdict
+  is "ok" or "CHECK: what differs" against what one step should do: the trunk (sampler forwards vs
+  teacher-forced passes), sequence_logprobs without a graph once (the reference; old log-probs come from the
+  sampler) and with a graph once per inner epoch, decode_rollout / VQ decode / CLIP once; also the share of
+  sampler row-steps still live and of teacher-forced positions that are real tokens rather than padding.
+- warm-up step: one step of stage 1 (teacher-forced NLL on the hybrid mix, AdamW), to project the pipeline.
+- pipeline (--pipeline): the default `python unigrpo.py --stage grpo --out_dir TMP`, wall time, its split from
+  TMP/metrics.jsonl, peak RSS of the child (resource.getrusage(RUSAGE_CHILDREN).ru_maxrss).
+Peak memory: the highest RSS during the row (Linux: VmHWM, reset per row through /proc/self/clear_refs;
+elsewhere the process's ru_maxrss so far); on CUDA also torch.cuda.max_memory_allocated.
 """
+import argparse
+import collections
+import contextlib
+import copy
+import ctypes
+import gc
+import json
+import math
 import os
+import platform
+import random
+import re
 import resource
+import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import data  # noqa: E402
+import rewards  # noqa: E402
 import unigrpo  # noqa: E402
 from conftest import bias_text_logits  # noqa: E402
 
+P_BOI = 0.25  # forced-image rows: chance that a text token is <begin_of_image> (text segments of ~3 tokens)
 
-def _tiny(cfg):
+
+def log(msg):  # progress on stderr: stdout holds only the report
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# timing and memory
+
+
+def sync(dev):
+    if str(dev).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_run(fn, repeats, dev, first=None):
+    """(seconds, result) of the median of `repeats` timed calls, after one untimed warm-up call (run inside
+    the context manager `first` when given: the call that is counted)."""
+    with first or contextlib.nullcontext():
+        fn()  # the first call pays for allocator growth and kernel selection
+    runs = []
+    for _ in range(max(1, repeats)):
+        sync(dev)
+        t = time.perf_counter()
+        out = fn()
+        sync(dev)
+        runs.append((time.perf_counter() - t, out))
+    return sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+
+
+def paired_runs(ours, theirs, repeats, dev):
+    """Median seconds of two warmed-up functions timed in alternating pairs (order swapped every pair), so that
+    both see the same load on a shared machine, and the median of the per-pair ratios theirs/ours."""
+    t = {ours: [], theirs: []}
+    for i in range(max(1, repeats)):
+        for f in ((ours, theirs) if i % 2 == 0 else (theirs, ours)):
+            sync(dev)
+            t0 = time.perf_counter()
+            f()
+            sync(dev)
+            t[f].append(time.perf_counter() - t0)
+    return statistics.median(t[ours]), statistics.median(t[theirs]), statistics.median(b / a for a, b in zip(t[ours], t[theirs]))
+
+
+def _maxrss_mib(who=resource.RUSAGE_SELF):
+    r = resource.getrusage(who).ru_maxrss
+    return r / 2**20 if sys.platform == "darwin" else r / 1024  # bytes on macOS, KiB on Linux
+
+
+def current_rss():
+    with contextlib.suppress(OSError, AttributeError):
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024
+    return float("nan")
+
+
+def reset_peak(dev):
+    """Start a row's memory peak from what is live now; returns that RSS (MiB)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed heap mapped; hand it back first
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux >= 4.0: reset VmHWM (the peak RSS) to the current RSS
+    if str(dev).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    return current_rss()
+
+
+def peak_memory(dev, start):
+    try:
+        with open("/proc/self/status") as f:
+            rss = int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
+    except (OSError, AttributeError):
+        rss = _maxrss_mib()  # the whole process's peak so far
+    s = f"RSS {rss:.0f} (row start {start:.0f})"
+    if str(dev).startswith("cuda"):
+        s += f", CUDA {torch.cuda.max_memory_allocated() / 2**20:.0f}"
+    return s
+
+
+# -----------------------------------------------------------------------------
+# models and work
+
+
+def tiny_model(cfg, dev):
+    """The toy world's tiny Janus with random weights (the VQ too): speed does not depend on training."""
     from transformers import JanusVQVAE
+    torch.manual_seed(0)
     tok = data.build_text_tokenizer()
     vq = JanusVQVAE(data.make_vq_config(cfg.image_size, cfg.patch_size, cfg.codebook_size, cfg.n_embd))
-    return unigrpo.UnifiedModel(unigrpo.tiny_janus(tok, vq, cfg), tok).eval()
+    return unigrpo.UnifiedModel(unigrpo.tiny_janus(tok, vq, cfg).to(dev), tok).eval()
 
 
-def _time(fn, reps=3):
-    fn()  # warm-up call
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t) / reps
+def grid_note(m, cfg):
+    want = (cfg.image_size // cfg.patch_size) ** 2
+    n = m.n_image_tokens
+    return f"{n} tokens/image" + ("" if n == want else f" (asked {want}: this checkout's tiny_janus builds {n})")
+
+
+def prompts_mix(n, image_size):
+    """n GRPO prompts, taking the three interleaved task families in turn (continuation brings context images)."""
+    per_task = [data.make_examples(t, -(-n // 3), "rl", seed=0, image_size=image_size) for t in ("story", "howto", "continuation")]
+    return [e for trio in zip(*per_task) for e in trio][:n]
 
 
 @torch.no_grad()
-def sampler_vs_generate(cfg, batch=32, new_tokens=64):
-    m = _tiny(cfg)
-    prompts = [e.prompt for e in data.make_examples("story", batch, "rl", seed=0)]
+def sampler_rows(cfg, dev, batch, new_tokens, repeats):
+    """Our sampler and HF generate on one model, text-only then image-only:
+    [(name, setting, our tokens/s, HF's tokens/s, median per-pair throughput ratio)]."""
+    m = tiny_model(cfg, dev)
+    prompts = [e.prompt for e in data.make_examples("story", batch, "rl", seed=0, image_size=cfg.image_size)]
     ids, mask, _ = unigrpo.pad_prompts(m, prompts)
+    ids, mask = ids.to(dev), mask.to(dev)
+    gen = lambda: torch.Generator(dev).manual_seed(0)
+    same = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=m.pad_id)  # full softmax at T = 1
     rows = []
-    # text only
+
+    def compare(name, setting, ours, theirs, count_ours, count_theirs):
+        n_ours, n_hf = count_ours(ours()), count_theirs(theirs())  # also the warm-up calls
+        t_ours, t_hf, ratio = paired_runs(ours, theirs, repeats, dev)
+        rows.append((name, setting, n_ours / t_ours, n_hf / t_hf, ratio * n_ours / n_hf))
+        return n_ours, n_hf
+
+    # HF's generate reads janus.lm_head directly, so the bias on our text_logits steers our sampler alone
     bias_text_logits(m, boi_id=-1e4, eos_id=-1e4)
-    ours = _time(lambda: unigrpo.sample_interleaved(m, prompts, max_new_tokens=new_tokens, max_text_tokens=10 ** 6))
-    del m.text_logits
-    gc = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, pad_token_id=m.pad_id, eos_token_id=m.eos_id)
-    hf = _time(lambda: m.janus.generate(input_ids=ids, attention_mask=mask, **gc))
-    rows.append(("text-only", batch * new_tokens / ours, batch * new_tokens / hf))
-    # image only: one image of n_image_tokens codes
+    compare("text-only", f"batch {batch} x {new_tokens} tokens, no CFG",
+            lambda: unigrpo.sample_interleaved(m, prompts, 1.0, new_tokens, new_tokens + 1, generator=gen()),
+            lambda: m.janus.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                     eos_token_id=m.eos_id, **same),
+            lambda ro: int(ro.mask.sum()), lambda out: (out.shape[1] - ids.shape[1]) * batch)
+
     N = m.n_image_tokens
     bias_text_logits(m, boi_id=1e4)
-    ours = _time(lambda: unigrpo.sample_interleaved(m, prompts, max_new_tokens=N + 1, max_images=1, cfg_scale=2.0))
+    img_ids = torch.cat([ids, torch.full((batch, 1), m.boi_id, device=dev)], 1)
+    img_mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=dev)], 1)
+    m.janus.generation_config.generation_kwargs = {"boi_token_id": m.boi_id}  # HF's image mode needs it
+    counts = compare("image-only", f"batch {batch} x 1 image, {grid_note(m, cfg)}, CFG 2",
+                     lambda: unigrpo.sample_interleaved(m, prompts, 1.0, N + 1, max_images=1, generator=gen(), cfg_scale=2.0),
+                     lambda: m.janus.generate(input_ids=img_ids, attention_mask=img_mask, generation_mode="image",
+                                              guidance_scale=2.0, bos_token_id=m.bos_id, **same),
+                     lambda ro: int((ro.is_image & ro.mask.bool()).sum()), lambda out: out.numel())
+    if counts != (batch * N, batch * N):
+        raise RuntimeError(f"image-only: ours wrote {counts[0]} and HF {counts[1]} image tokens, expected {batch} x {N}")
     del m.text_logits
-    img_ids = torch.cat([ids, torch.full((batch, 1), m.boi_id)], 1)
-    img_mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], 1)
-    m.janus.generation_config.generation_kwargs = {"boi_token_id": m.boi_id}
-    hf = _time(lambda: m.janus.generate(input_ids=img_ids, attention_mask=img_mask, generation_mode="image", do_sample=True,
-                                        guidance_scale=2.0, pad_token_id=m.pad_id, bos_token_id=m.bos_id, max_new_tokens=N))
-    rows.append(("image-only (both with CFG 2)", batch * N / ours, batch * N / hf))
     return rows
 
 
-def grpo_step_split(cfg, out_dir, Gs=(2, 4, 8)):
-    path = os.path.join(out_dir, "grpo")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        return []
-    import copy
-    policy = unigrpo.load_model(path, "cpu").eval()
-    ref = copy.deepcopy(policy).requires_grad_(False)
+@contextlib.contextmanager
+def counting(n):
+    """Count (and time) into the Counter n the calls that make up a GRPO step, by wrapping the functions
+    grpo_step looks up."""
+    sampling = [False]
+    orig = dict(trunk=unigrpo.UnifiedModel.trunk, vq_decode=unigrpo.UnifiedModel.vq_decode, score=rewards.ClipScorer.score,
+                sample_interleaved=unigrpo.sample_interleaved, sequence_logprobs=unigrpo.sequence_logprobs,
+                decode_rollout=unigrpo.decode_rollout)
+
+    def timed(name, f):
+        def g(*a, **kw):
+            t = time.perf_counter()
+            out = f(*a, **kw)
+            n[name] += 1
+            n[name + " s"] += time.perf_counter() - t
+            return out
+        return g
+
+    def trunk(self, *a, **kw):
+        n["trunk (sampler)" if sampling[0] else "trunk (teacher-forced)"] += 1
+        return orig["trunk"](self, *a, **kw)
+
+    def sample(*a, **kw):
+        sampling[0] = True
+        try:
+            ro = orig["sample_interleaved"](*a, **kw)
+        finally:
+            sampling[0] = False
+        n["sample_interleaved"] += 1
+        n["sampled positions"] += ro.ids.shape[1]
+        n["live row-steps"] += ro.mask.mean().item()  # rows still writing (finished rows ride along in the batch)
+        written = ro.mask.bool() | (ro.ids == a[0].eoi_id)  # sampled or forced tokens, not padding
+        n["real positions"] += (ro.prompt_mask.sum() + written.sum()).item() / (ro.prompt_ids.numel() + ro.ids.numel())
+        return ro
+
+    def logprobs(*a, **kw):
+        n["sequence_logprobs (graph)" if torch.is_grad_enabled() else "sequence_logprobs (no graph)"] += 1
+        return orig["sequence_logprobs"](*a, **kw)
+
+    patches = [(unigrpo.UnifiedModel, "trunk", trunk), (unigrpo, "sample_interleaved", sample),
+               (unigrpo, "sequence_logprobs", logprobs), (unigrpo, "decode_rollout", timed("decode_rollout", orig["decode_rollout"])),
+               (unigrpo.UnifiedModel, "vq_decode", timed("vq_decode", orig["vq_decode"])),
+               (rewards.ClipScorer, "score", timed("CLIP score", orig["score"]))]
+    for owner, name, f in patches:
+        setattr(owner, name, f)
+    try:
+        yield n
+    finally:
+        for owner, name, _ in patches:
+            setattr(owner, name, orig[name])
+
+
+def calls_row(n, cfg, uses_ref):
+    """What one step called, against what it should call; the last column flags a difference."""
+    L, sampler, tf = n["sampled positions"], n["trunk (sampler)"], n["trunk (teacher-forced)"]
+    want = {"sample_interleaved": 1, "trunk (teacher-forced)": cfg.inner_epochs + uses_ref,
+            "sequence_logprobs (graph)": cfg.inner_epochs, "sequence_logprobs (no graph)": int(uses_ref),
+            "decode_rollout": 1, "vq_decode": min(1, n["vq_decode"]), "CLIP score": min(1, n["CLIP score"])}
+    bad = [f"{k} {n[k]} (want {v})" for k, v in want.items() if n[k] != v]
+    if sampler not in (L, L + 1):  # 1 prefill + L-1 decode forwards (+1 whose output is unused when the budget ends the loop)
+        bad.append(f"trunk (sampler) {sampler} for {L} positions")
+    detail = (f"sample_interleaved {n['sample_interleaved']}: trunk {sampler} forwards for {L} positions (1 prefill + "
+              f"{L - 1} decode{' + 1 unused' if sampler == L + 1 else ''}; {n['live row-steps']:.0%} of row-steps live) · teacher-forced trunk {tf} over {n['real positions']:.0%} real tokens (the rest padding) = reference "
+              f"{int(uses_ref)} + update {cfg.inner_epochs} (inner_epochs) · sequence_logprobs without graph "
+              f"{n['sequence_logprobs (no graph)']} (reference; old log-probs from the sampler), with graph "
+              f"{n['sequence_logprobs (graph)']} · decode_rollout {n['decode_rollout']} ({n['decode_rollout s']:.2f} s, "
+              f"of it VQ decode {n['vq_decode']}x {n['vq_decode s']:.2f} s) · CLIP score {n['CLIP score']}x {n['CLIP score s']:.2f} s")
+    return detail, "ok" if not bad else "CHECK: " + "; ".join(bad)
+
+
+def grpo_setup(cfg, dev, G, k, n_prompts):
+    """A random-weight policy + reference writing exactly k images per trajectory (see the docstring)."""
+    c = copy.copy(cfg)
+    c.group_size, c.max_images = G, k
+    policy = tiny_model(c, dev)
+    ref = copy.deepcopy(policy).requires_grad_(False)  # before biasing: the bias closes over its own model
+    N, V = policy.n_image_tokens, len(policy.tokenizer)
+    c.max_new_tokens = k * (N + 2) + (k + 1) * c.max_text_tokens
+    boi = math.log(P_BOI / (1 - P_BOI) * (V - 1))  # near-uniform random-weight text logits: P(<boi>) ~ P_BOI
+    for m in (policy, ref):
+        bias_text_logits(m, boi_id=boi, eos_id=-1e4)
+    tok = policy.tokenizer
+    critic = rewards.ToyTextCritic(data.parse)
+    scorer = rewards.build_toy_clip(rewards.toy_clip_config(tok, c.image_size, math.gcd(c.image_size, 16)), tok)
+    return c, policy, ref, critic, scorer, prompts_mix(n_prompts, c.image_size)
+
+
+def grpo_row(c, policy, ref, critic, scorer, examples, dev, repeats):
+    """The median GRPO step (its split is that run's), and the call counts of the warm-up step."""
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=0.0)  # every repeat: same policy
+    score = lambda ro, group: unigrpo.score_rollout(policy, ro, group, critic, scorer, c)
+    gens = lambda: [torch.Generator(dev).manual_seed(i) for i in range(len(examples))]  # every repeat: same rollouts
+    step = lambda: unigrpo.grpo_step(policy, ref, opt, examples, score, c, gens())
+    n = collections.Counter()
+    total, m = median_run(step, repeats, dev, first=counting(n))
+    return total, m, n
+
+
+def fmt_step(total, m, c):
+    return (f"{total:.2f} s", f"sampling {m['time/sampling']:.2f} · scoring {m['time/scoring']:.2f} · reference "
+            f"{m['time/reference']:.2f} · update {m['time/update']:.2f} ({c.inner_epochs} epochs) · tokens/trajectory: "
+            f"{m['completions/mean_text_tokens']:.1f} text + {m['completions/mean_image_tokens']:.0f} image")
+
+
+def grpo_sweep(cfg, dev, Gs, ks, grids, base_G, base_k, n_prompts, repeats):
+    """GRPO step rows: G at base_k images, images per trajectory at base_G, tokens per image at (base_G, base_k)."""
+    todo = [(G, base_k, None) for G in Gs] + [(base_G, k, None) for k in ks] + [(base_G, base_k, g) for g in grids]
+    rows, seen, calls = [], set(), None
+    for G, k, grid in todo:
+        if (G, k, grid) in seen:
+            continue
+        seen.add((G, k, grid))
+        c0 = copy.copy(cfg)
+        if grid is not None:  # 32 px: patch 8 -> 4x4 = 16 tokens, patch 4 -> 8x8 = 64
+            c0.image_size, c0.patch_size = 32, 32 // int(math.isqrt(grid))
+        log(f"GRPO step G={G} k={k} grid={grid or 'default'}")
+        start = reset_peak(dev)
+        c, policy, ref, critic, scorer, examples = grpo_setup(c0, dev, G, k, n_prompts)
+        total, m, n = grpo_row(c, policy, ref, critic, scorer, examples, dev, repeats)
+        head, split = fmt_step(total, m, c)
+        rows.append(("GRPO step", f"{len(examples)} prompts x G={G}, {k} image(s)/trajectory, {grid_note(policy, c0)}",
+                     head, split, peak_memory(dev, start)))
+        if (G, k, grid) == (base_G, base_k, None):
+            calls = calls_row(n, c, ref is not None) + (f"G={G}, {k} image(s)/trajectory",)
+        del policy, ref, critic, scorer
+    return rows, calls
+
+
+def trained_row(cfg, dev, out_dir, repeats, label):
+    """A GRPO step of a finished run (real rollout lengths, the trained CLIP), as grpo() sets it up."""
     c = copy.copy(cfg)
     c.out_dir = out_dir
-    critic, scorer = unigrpo.build_scorers(c, policy.tokenizer, "cpu")
-    examples = unigrpo.rl_prompts(c)[:8]
-    out = []
-    for G in Gs:
-        c.group_size = G
-        opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=0.0)  # timing only
-        m = unigrpo.grpo_step(policy, ref, opt, examples, lambda ro, g: unigrpo.score_rollout(policy, ro, g, critic, scorer, c), c)
-        out.append((G, m["time/sampling"], m["time/scoring"], m["time/reference"], m["time/update"]))
-    return out
+    start = reset_peak(dev)
+    policy = unigrpo.load_model(os.path.join(out_dir, "grpo"), dev).eval()
+    ref = unigrpo.load_model(os.path.join(out_dir, "warmup"), dev).requires_grad_(False) if c.kl_beta > 0 else None
+    critic, scorer = unigrpo.build_scorers(c, policy.tokenizer, dev)
+    examples = random.Random(c.seed).sample(unigrpo.rl_prompts(c), c.prompts_per_step)
+    total, m, n = grpo_row(c, policy, ref, critic, scorer, examples, dev, repeats)
+    head, split = fmt_step(total, m, c)
+    return [("GRPO step, trained", f"{label}: {len(examples)} prompts x G={c.group_size}, default limits, "
+             f"{policy.n_image_tokens} tokens/image", head, split, peak_memory(dev, start))], \
+        calls_row(n, c, ref is not None) + ("trained checkpoint",)
 
 
-def main():
-    torch.set_num_threads(1)
+def warmup_row(cfg, dev, batch, repeats):
+    """One stage-1 step (the body of unigrpo.warmup's loop) on a small hybrid mix."""
+    start = reset_peak(dev)
+    m = tiny_model(cfg, dev).train()
+    mix = data.warmup_mix(batch, seed=0, ratio=(cfg.interleaved_ratio, 1.0, 1.0), image_size=cfg.image_size)
+    answers = [m.encode_answer(e.answer) for e in mix]
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.0)
+    rng, real = random.Random(0), []
+
+    def step():
+        pick = rng.sample(range(len(mix)), batch)
+        b = unigrpo.make_batch(m, [mix[i] for i in pick], [answers[i] for i in pick])
+        real.append((b.prompt_mask.sum().item() + sum(len(answers[i][0]) for i in pick)) / (b.prompt_ids.numel() + b.ids.numel()))
+        logp, _ = unigrpo.sequence_logprobs(m, b)
+        mask = b.mask.to(dev)
+        loss = -(logp * mask).sum() / mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+    t, _ = median_run(step, repeats, dev)
+    return ("warm-up step", f"batch {batch}, {grid_note(m, cfg)}", f"{t:.3f} s",
+            f"x warmup_iters {cfg.warmup_iters} = {t * cfg.warmup_iters / 60:.1f} min of the pipeline; "
+            f"{statistics.mean(real):.0%} of the positions computed are real tokens (the rest padding)", peak_memory(dev, start))
+
+
+def pipeline_rows(work, extra=()):
+    """The default pipeline from an empty out_dir in a child process; its split from metrics.jsonl.
+    `extra`: more unigrpo flags (a shortened pipeline for a smoke check; the report row shows them)."""
+    out = os.path.join(work, "out")
+    cmd = [sys.executable, os.path.join(ROOT, "unigrpo.py"), "--stage", "grpo", "--out_dir", out, *extra]
+    log("pipeline: " + " ".join(cmd[1:]) + " (minutes)")
+    t = time.perf_counter()
+    with open(os.path.join(work, "pipeline.log"), "w") as f:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    wall = time.perf_counter() - t
+    if rc:
+        raise SystemExit(f"bench: the pipeline failed with exit code {rc}; its output is in {os.path.join(work, 'pipeline.log')}")
+    warm, grpo, n_grpo = 0.0, collections.Counter(), 0
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        for row in map(json.loads, f):
+            if row["stage"] == "warmup":
+                warm += row.get("sec", 0.0)
+            else:
+                n_grpo += 1
+                grpo.update({k[5:]: v for k, v in row.items() if k.startswith("time/")})
+    g = sum(grpo.values())
+    split = (f"warm-up iterations {warm / 60:.1f} min · GRPO iterations {g / 60:.1f} min (sampling {grpo['sampling'] / 60:.1f}, "
+             f"scoring {grpo['scoring'] / 60:.1f}, reference {grpo['reference'] / 60:.1f}, update {grpo['update'] / 60:.1f}) · "
+             f"the rest (prepare: VQ + 2 CLIPs, loading, checkpoints, storyboards) {(wall - warm - g) / 60:.1f} min")
+    note = "" if n_grpo else " (GRPO rows not logged: --log_interval?)"
+    setting = " ".join(["python unigrpo.py --stage grpo --out_dir TMP", *extra]) + (" (empty out_dir)" if extra else " (empty out_dir, default config)")
+    return ("pipeline", setting, f"{wall / 60:.1f} min",
+            split + note, f"RSS {_maxrss_mib(resource.RUSAGE_CHILDREN):.0f} (child)"), out
+
+
+# -----------------------------------------------------------------------------
+
+
+def load_average(when):
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return f"load average (1, 5, 15 min) at {when}: {load}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: every row, tiny sizes, 1 repeat (seconds)")
+    ap.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per row, median reported (default 5; --quick 1)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the toy model runs fastest on one)")
+    ap.add_argument("--pipeline", action="store_true", help="also time the default pipeline from an empty out_dir (minutes)")
+    ap.add_argument("--out_dir", default="", help="a finished run: adds a GRPO step of its trained checkpoint")
+    args = ap.parse_args(argv)
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("bench: --device cuda but torch.cuda.is_available() is False; use --device cpu")
+    if args.out_dir and not os.path.exists(os.path.join(args.out_dir, "grpo", "config.json")):
+        raise SystemExit(f"bench: no finished GRPO checkpoint in {args.out_dir}/grpo; run `python unigrpo.py --stage grpo "
+                         f"--out_dir {args.out_dir}` first, or drop --out_dir")
+    repeats = args.repeats or (1 if args.quick else 5)
+    torch.set_num_threads(args.threads)
+    __import__("transformers").logging.set_verbosity_error()  # generate's notes on its own defaults, not ours
     torch.manual_seed(0)
-    cfg = unigrpo.get_config(sys.argv[1:])
-    print(f"threads={torch.get_num_threads()}  image tokens per image={(cfg.image_size // cfg.patch_size) ** 2}")
-    print("| generation | ours tok/s | HF generate tok/s | ratio |\n|---|---|---|---|")
-    for name, a, b in sampler_vs_generate(cfg):
-        print(f"| {name} | {a:.0f} | {b:.0f} | {a / b:.2f}x |")
-    rows = grpo_step_split(cfg, cfg.out_dir)
-    if rows:
-        print("\n| G (8 prompts) | sampling s | scoring s | reference s | update s |\n|---|---|---|---|---|")
-        for r in rows:
-            print("| " + " | ".join(f"{x:.2f}" if isinstance(x, float) else str(x) for x in r) + " |")
-    else:
-        print(f"\n(no finished GRPO checkpoint in {cfg.out_dir}: step split skipped)")
-    print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    cfg = unigrpo.get_config([])
+    q = args.quick
+    header = ["command: python tests/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              f"torch {torch.__version__}, transformers {__import__('transformers').__version__}, python {platform.python_version()}, "
+              f"device {torch.cuda.get_device_name() if dev.startswith('cuda') else dev + ' (' + (platform.processor() or platform.machine()) + ')'}, "
+              f"torch threads {torch.get_num_threads()}, CPUs {os.cpu_count()}, median of {repeats} repeat(s) after 1 warm-up",
+              load_average("start") + f"; RSS after imports {current_rss():.0f} MiB"]
+    rows = []
+    log("sampler vs generate")
+    start = reset_peak(dev)
+    batch = 4 if q else 32
+    sampler = sampler_rows(cfg, dev, batch, 8 if q else 64, repeats)
+    mem = peak_memory(dev, start)
+    for name, setting, ours, hf, ratio in sampler:
+        rows.append((f"sampler, {name}", setting, f"{ratio:.2f}x", f"ours {ours:.0f} tok/s vs HF generate {hf:.0f} tok/s "
+                     "(medians; the ratio is the median of paired runs)", mem))
+    sweep, calls = grpo_sweep(cfg, dev, Gs=(2,) if q else (2, 4, 8), ks=(1,) if q else (1, 2, 3, 4), grids=(16, 64),
+                              base_G=2 if q else 4, base_k=1 if q else 2, n_prompts=2 if q else 8, repeats=repeats)
+    rows += sweep
+    checks = [calls]
+    log("warm-up step")
+    rows.append(warmup_row(cfg, dev, 4 if q else cfg.warmup_batch_size, repeats))
+    work = tempfile.mkdtemp(prefix="unigrpo_bench_") if args.pipeline else None
+    try:
+        trained = args.out_dir
+        if args.pipeline:
+            row, trained = pipeline_rows(work)
+            rows.append(row)
+        if trained:
+            log("GRPO step of the trained checkpoint")
+            r, c = trained_row(cfg, dev, trained, repeats, args.out_dir or "the pipeline's out_dir")
+            rows += r
+            checks.append(c)
+    finally:
+        if work:
+            shutil.rmtree(work, ignore_errors=True)
+    for detail, verdict, where in checks:
+        rows.append(("calls per GRPO step", where, verdict, detail, ""))
+    print("\n".join(header + [load_average("end"), ""]))
+    print("| measurement | setting | result | detail | peak memory MiB |\n|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    return rows
 
 
 if __name__ == "__main__":

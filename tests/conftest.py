@@ -13,7 +13,7 @@ torch.set_num_threads(1)
 def bias_text_logits(model, **bias):
     """Shift some text logits (e.g. make <begin_of_image> likely) without touching the weights;
     `del model.text_logits` undoes it."""
-    b = torch.zeros(len(model.tokenizer))
+    b = torch.zeros(len(model.tokenizer), device=model.device)
     for name, v in bias.items():
         b[getattr(model, name)] = v
     model.text_logits = lambda h, f=type(model).text_logits: f(model, h) + b
