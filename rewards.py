@@ -302,7 +302,7 @@ def train_tiny_clip(images, texts, tokenizer, image_size=48, steps=400, batch_si
     # must bind attributes to objects and cells instead of spotting which colours occur somewhere
     neighbours = []
     for c in range(0, len(T), 512):
-        d = (T[c:c + 512, None, :] != T[None, :, :]).sum(-1)
+        d = (T[c:c + 512, None, :] != T[None, :, :]).sum(-1, dtype=torch.int16)  # int16 counts: int64 cost ~0.5 GB here
         neighbours += [row.nonzero().squeeze(1) for row in (d >= 1) & (d <= 2)]
     n_hard = int(hard_negatives * batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)

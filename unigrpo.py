@@ -574,6 +574,10 @@ def warmup(cfg, log):
     mix = data.load_jsonl(cfg.warmup_data) if cfg.warmup_data else data.warmup_mix(
         cfg.n_understanding, seed=cfg.seed, ratio=(cfg.interleaved_ratio, 1.0, 1.0), image_size=cfg.image_size)
     answers = [model.encode_answer(e.answer) for e in tqdm(mix, desc="encode warm-up answers", disable=None)]
+    # rough lengths, to run each batch as chunks of similar length: padded together, the task
+    # families (which differ ~8x in length) made ~70% of every batch padding
+    length = [len(a[0]) + sum(len(x.split()) if k == "text" else model.n_context_tokens + 2 for k, x in e.prompt)
+              for e, a in zip(mix, answers)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.warmup_lr, weight_decay=0.0)
     start = resume(opt, state)
@@ -585,21 +589,26 @@ def warmup(cfg, log):
             g["lr"] = lr_it
         t0 = time.time()
         pick = rng.sample(range(len(mix)), min(cfg.warmup_batch_size, len(mix)))[rank()::world_size()]  # the global batch, this rank's share
-        batch = make_batch(model, [mix[i] for i in pick], [answers[i] for i in pick])
-        with autocast(cfg, dev):
-            logp, _ = sequence_logprobs(model, batch)
-        m = batch.mask.to(dev)
+        pick.sort(key=length.__getitem__)
+        nll, n_text, n_image, nll_text, nll_image = 0.0, 0, 0, 0.0, 0.0
+        for chunk in (pick[j:j + 8] for j in range(0, len(pick), 8)):  # one loss, one gradient, less padding
+            batch = make_batch(model, [mix[i] for i in chunk], [answers[i] for i in chunk])
+            with autocast(cfg, dev):
+                logp, _ = sequence_logprobs(model, batch)
+            m = batch.mask.to(dev).bool()
+            img = batch.is_image.to(dev) & m
+            nll = nll - logp[m].sum()
+            nll_text, nll_image = nll_text - logp[m & ~img].sum().item(), nll_image - logp[img].sum().item()
+            n_text, n_image = n_text + (m & ~img).sum().item(), n_image + img.sum().item()
         # token mean over the global batch: each rank divides by the global count / world size, DDP averages
-        loss = -(logp * m).sum() / (all_sum(m.sum()) / world_size())
+        loss = nll / (all_sum(torch.tensor(float(n_text + n_image), device=dev)) / world_size())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"warm-up loss is {loss.item()} at iter {it}; lower --warmup_lr (now {cfg.warmup_lr}) or check the data")
         gn = optimizer_step(opt, loss, cfg.grad_clip)
         if it % cfg.log_interval == 0 or it == cfg.warmup_iters - 1:
-            img = batch.is_image.to(dev) & m.bool()
-            txt = m.bool() & ~img
-            row = dict(loss=loss.item(), loss_text=-(logp[txt]).mean().item(), loss_image=-(logp[img]).mean().item() if img.any() else 0.0,
+            row = dict(loss=loss.item(), loss_text=nll_text / max(n_text, 1), loss_image=nll_image / max(n_image, 1),
                        grad_norm=gn.item(), lr=lr_it, sec=time.time() - t0)
-            log(dict(stage="warmup", iter=it, **mean_over_ranks(row, dict(loss_text=txt.sum().item(), loss_image=img.sum().item()))))
+            log(dict(stage="warmup", iter=it, **mean_over_ranks(row, dict(loss_text=n_text, loss_image=n_image))))
         if (it + 1) % cfg.ckpt_interval == 0 or it + 1 == cfg.warmup_iters:
             save_checkpoint(model, ckpt, trainer_state(opt, it + 1))
     model.eval()
@@ -1107,7 +1116,8 @@ def for_training(model, cfg):
 def finished(cfg, name):
     """Whether out_dir holds a complete `name` stage (the toy world's `prepare` is not needed with --model)."""
     if name == "prepare":
-        return bool(cfg.model) or os.path.exists(os.path.join(cfg.out_dir, "prepare", "tokenizer"))
+        return bool(cfg.model) or all(os.path.exists(os.path.join(cfg.out_dir, "prepare", p))
+                                      for p in ("tokenizer", "vq", "clip", "clip_weak"))  # a killed prepare resumes
     state = load_state(os.path.join(cfg.out_dir, name))
     return bool(state) and state["iter"] >= (cfg.warmup_iters if name == "warmup" else cfg.grpo_iters)
 
