@@ -550,6 +550,33 @@ def make_batch(model, examples, answers=None):
     return Rollout(prompt_ids, prompt_mask, context, ids, is_image, z, z.float(), mask, torch.ones(len(enc), dtype=torch.bool))
 
 
+def warmup_step(model, opt, examples, answers, cfg):
+    """One stage-1 step: next-token NLL over text and image tokens, the token mean over the global batch.
+    The batch runs as length-sorted chunks of 8 (one loss, one gradient): padded together, the task
+    families (~8x apart in length) made ~70% of every batch padding. Returns (loss, sums, grad norm)."""
+    dev = model.device
+    size = lambda i: len(answers[i][0]) + sum(len(x.split()) if k == "text" else model.n_context_tokens + 2
+                                              for k, x in examples[i].prompt)  # rough, for sorting only
+    order = sorted(range(len(examples)), key=size)
+    nll, st = 0.0, dict(nll_text=0.0, nll_image=0.0, n_text=0, n_image=0)
+    for j in range(0, len(order), 8):
+        chunk = order[j:j + 8]
+        batch = make_batch(model, [examples[i] for i in chunk], [answers[i] for i in chunk])
+        with autocast(cfg, dev):
+            logp, _ = sequence_logprobs(model, batch)
+        m = batch.mask.to(dev).bool()
+        img = batch.is_image.to(dev) & m
+        nll = nll - logp[m].sum()
+        for kind, sel in (("text", m & ~img), ("image", img)):
+            st["nll_" + kind] -= logp[sel].sum().item()
+            st["n_" + kind] += sel.sum().item()
+    # each rank divides by the global count / world size, and the averaged gradient is the global mean's
+    loss = nll / (all_sum(torch.tensor(float(st["n_text"] + st["n_image"]), device=dev)) / world_size())
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"warm-up loss is {loss.item()}; lower --warmup_lr (now {cfg.warmup_lr}) or check the data")
+    return loss, st, optimizer_step(opt, loss, cfg.grad_clip)
+
+
 def warmup(cfg, log):
     """Plain next-token NLL over text and image tokens alike (stage 1)."""
     dev, ckpt = resolve_device(cfg), os.path.join(cfg.out_dir, "warmup")
@@ -574,10 +601,6 @@ def warmup(cfg, log):
     mix = data.load_jsonl(cfg.warmup_data) if cfg.warmup_data else data.warmup_mix(
         cfg.n_understanding, seed=cfg.seed, ratio=(cfg.interleaved_ratio, 1.0, 1.0), image_size=cfg.image_size)
     answers = [model.encode_answer(e.answer) for e in tqdm(mix, desc="encode warm-up answers", disable=None)]
-    # rough lengths, to run each batch as chunks of similar length: padded together, the task
-    # families (which differ ~8x in length) made ~70% of every batch padding
-    length = [len(a[0]) + sum(len(x.split()) if k == "text" else model.n_context_tokens + 2 for k, x in e.prompt)
-              for e, a in zip(mix, answers)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.warmup_lr, weight_decay=0.0)
     start = resume(opt, state)
@@ -589,26 +612,11 @@ def warmup(cfg, log):
             g["lr"] = lr_it
         t0 = time.time()
         pick = rng.sample(range(len(mix)), min(cfg.warmup_batch_size, len(mix)))[rank()::world_size()]  # the global batch, this rank's share
-        pick.sort(key=length.__getitem__)
-        nll, n_text, n_image, nll_text, nll_image = 0.0, 0, 0, 0.0, 0.0
-        for chunk in (pick[j:j + 8] for j in range(0, len(pick), 8)):  # one loss, one gradient, less padding
-            batch = make_batch(model, [mix[i] for i in chunk], [answers[i] for i in chunk])
-            with autocast(cfg, dev):
-                logp, _ = sequence_logprobs(model, batch)
-            m = batch.mask.to(dev).bool()
-            img = batch.is_image.to(dev) & m
-            nll = nll - logp[m].sum()
-            nll_text, nll_image = nll_text - logp[m & ~img].sum().item(), nll_image - logp[img].sum().item()
-            n_text, n_image = n_text + (m & ~img).sum().item(), n_image + img.sum().item()
-        # token mean over the global batch: each rank divides by the global count / world size, DDP averages
-        loss = nll / (all_sum(torch.tensor(float(n_text + n_image), device=dev)) / world_size())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"warm-up loss is {loss.item()} at iter {it}; lower --warmup_lr (now {cfg.warmup_lr}) or check the data")
-        gn = optimizer_step(opt, loss, cfg.grad_clip)
+        loss, st, gn = warmup_step(model, opt, [mix[i] for i in pick], [answers[i] for i in pick], cfg)
         if it % cfg.log_interval == 0 or it == cfg.warmup_iters - 1:
-            row = dict(loss=loss.item(), loss_text=nll_text / max(n_text, 1), loss_image=nll_image / max(n_image, 1),
-                       grad_norm=gn.item(), lr=lr_it, sec=time.time() - t0)
-            log(dict(stage="warmup", iter=it, **mean_over_ranks(row, dict(loss_text=n_text, loss_image=n_image))))
+            row = dict(loss=loss.item(), loss_text=st["nll_text"] / max(st["n_text"], 1),
+                       loss_image=st["nll_image"] / max(st["n_image"], 1), grad_norm=gn.item(), lr=lr_it, sec=time.time() - t0)
+            log(dict(stage="warmup", iter=it, **mean_over_ranks(row, dict(loss_text=st["n_text"], loss_image=st["n_image"]))))
         if (it + 1) % cfg.ckpt_interval == 0 or it + 1 == cfg.warmup_iters:
             save_checkpoint(model, ckpt, trainer_state(opt, it + 1))
     model.eval()

@@ -57,16 +57,10 @@ def run(name, dev, steps):
     mix = data.make_examples("story", 4, "warmup", seed=0, image_size=size) + data.make_examples("t2i", 4, "warmup", seed=0, image_size=size)
     prompts = data.make_examples("continuation", 1, "rl", seed=0, image_size=size) + data.make_examples("story", 1, "rl", seed=0, image_size=size)
 
-    def warmup_step():  # the body of unigrpo.warmup's loop
-        batch = unigrpo.make_batch(policy, mix)
-        with unigrpo.autocast(cfg, dev):
-            logp, _ = unigrpo.sequence_logprobs(policy, batch)
-        m = batch.mask.to(dev)
-        loss = -(logp * m).sum() / m.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+    answers = [policy.encode_answer(e.answer) for e in mix]
+
+    def warmup_step():  # returns nothing: only GRPO rows print metrics
+        unigrpo.warmup_step(policy, opt, mix, answers, cfg)
 
     def score(ro, group):  # a synthetic reward: low image codes and short text (no reward models needed)
         live = ro.mask.bool()
