@@ -955,7 +955,9 @@ def run_ablations(cfg, argv, n_seeds=3, only=""):
     (through unigrpo.main --stage warmup), each GRPO row through unigrpo.main --stage grpo in its own
     OUT_DIR/ablations/ROW/seedK, every checkpoint evaluated with the same default scorers on the same
     held-out prompts per seed. Finished (row, seed) results are kept in ablations.json and skipped on
-    a rerun; a killed GRPO run resumes from its checkpoint. Writes ablations.json and ablations.md."""
+    a rerun; a killed GRPO run resumes from its checkpoint. Runners with disjoint --rows may share an
+    out_dir (start them after the warm-up exists): each merges its rows into ablations.json.
+    Writes ablations.json and ablations.md."""
     keys = [a[0] for a in ABLATIONS]
     rows = [k.strip() for k in only.split(",") if k.strip()] or keys
     if [k for k in rows if k not in keys] or n_seeds < 1:
@@ -1002,6 +1004,9 @@ def run_ablations(cfg, argv, n_seeds=3, only=""):
             ckpt = os.path.join(run, "grpo")
         print(f"{tag}: evaluating {ckpt} on {cfg.eval_prompts} held-out prompts")
         res = evaluate_checkpoint(ckpt, SimpleNamespace(**{**vars(cfg), "seed": cfg.seed + k}), seed=cfg.seed + k)
+        if os.path.exists(path):  # re-read: another runner with other --rows may share this out_dir
+            with open(path, encoding="utf-8") as f:
+                saved["results"] = {**json.load(f)["results"], **saved["results"]}
         saved["results"][name] = res
         os.makedirs(root, exist_ok=True)
         _dump_json(saved, path)  # after every row: a killed run loses at most the row in progress

@@ -53,9 +53,9 @@ lora_alpha = 16           # LoRA scale = lora_alpha / lora_rank
 vq_steps = 400
 clip_steps = 500
 # warm-up (stage 1)
-warmup_iters = 600
+warmup_iters = 1000
 warmup_batch_size = 32
-warmup_lr = 2e-3
+warmup_lr = 5e-4          # 2e-3 stalls: the model learns which objects a sentence names, never where they go
 n_understanding = 2000    # mix size; interleaved : understanding : t2i = interleaved_ratio : 1 : 1
 interleaved_ratio = 0.3   # the paper's 0.3M : 1M : 1M, kept small on purpose so GRPO has work to do
 warmup_data = ""          # a JSONL file of real warm-up data (see data.py); "" = toy world mix
@@ -69,7 +69,7 @@ max_images = 4            # a row that opens one image more stops (runaway image
 grpo_iters = 60
 prompts_per_step = 8
 group_size = 4            # G, rollouts per prompt (paper: 4)
-lr = 1e-4                  # AdamW; 5e-4 drifted (KL 1.3 after 30 steps) with no reward gain
+lr = 3e-5                 # AdamW; 1e-4 and up erased understanding and text-to-image (forgetting)
 inner_epochs = 2          # optimisation passes over each batch of rollouts
 clip_eps = 0.2
 kl_beta = 0.04            # 0 = no KL term and no reference model in memory
