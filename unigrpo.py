@@ -82,7 +82,7 @@ process_reward = True     # add step-wise process advantages to the outcome adva
 visual_scorer = "clip"    # clip (tiny CLIP trained here) | clip_weak (trained 1/10 as long) | openclip:NAME | imagereward
 text_critic = "toy"       # toy | a HF id / folder of a VLM critic (full scale)
 # eval
-eval_prompts = 256         # eval.py: held-out prompts per evaluation (64 gave a seed-to-seed std of ~0.04 on oracle_step)
+eval_prompts = 256        # eval.py: held-out prompts per evaluation (64 gave a seed-to-seed std of ~0.04 on oracle_step)
 # system
 dtype = "float32"         # float32 | bfloat16: bf16 autocast (GPU); trained weights and AdamW stay float32
 grad_checkpointing = False  # recompute decoder layers in backward: less activation memory (GPU, long rollouts)
