@@ -577,6 +577,11 @@ def warmup_step(model, opt, examples, answers, cfg):
     return loss, st, optimizer_step(opt, loss, cfg.grad_clip)
 
 
+def warmup_lr_at(cfg, it):
+    """The warm-up's schedule: linear rise over 50 steps, cosine decay to 0 at cfg.warmup_iters."""
+    return cfg.warmup_lr * min(1.0, (it + 1) / 50) * 0.5 * (1 + math.cos(math.pi * it / cfg.warmup_iters))
+
+
 def warmup(cfg, log):
     """Plain next-token NLL over text and image tokens alike (stage 1)."""
     dev, ckpt = resolve_device(cfg), os.path.join(cfg.out_dir, "warmup")
@@ -607,7 +612,7 @@ def warmup(cfg, log):
     rng = random.Random(cfg.seed + start)
     model.train()
     for it in tqdm(range(start, cfg.warmup_iters), desc="warm-up", initial=start, total=cfg.warmup_iters, disable=None if rank() == 0 else True):
-        lr_it = cfg.warmup_lr * min(1.0, (it + 1) / 50) * 0.5 * (1 + math.cos(math.pi * it / cfg.warmup_iters))  # linear warmup, cosine decay
+        lr_it = warmup_lr_at(cfg, it)
         for g in opt.param_groups:
             g["lr"] = lr_it
         t0 = time.time()

@@ -15,7 +15,6 @@ object cells near 0. Needs a prepared world in --out_dir (`python unigrpo.py --s
 (a patch on the model, for this probe only): it tests whether a missing position signal is the cause.
 """
 import argparse
-import math
 import os
 import random
 import sys
@@ -78,7 +77,7 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(a.seed)
-    cfg = unigrpo.get_config([f"--out_dir={a.out_dir}", f"--seed={a.seed}"])
+    cfg = unigrpo.get_config([f"--out_dir={a.out_dir}", f"--seed={a.seed}", f"--warmup_lr={a.lr}", f"--warmup_iters={a.iters}"])
     if not os.path.exists(os.path.join(a.out_dir, "prepare", "vq", "config.json")):
         raise SystemExit(f"error: no prepared world in {a.out_dir}; run python unigrpo.py --stage prepare --out_dir {a.out_dir}")
     tok, vq, _ = unigrpo.load_prepared(cfg)
@@ -94,8 +93,8 @@ def main():
     print(f"# python tests/probe_warmup.py {' '.join(sys.argv[1:])}")
     print("| step | train loss | held-out image NLL | object cells right | empty cells right | s |\n|---|---|---|---|---|---|")
     for it in range(a.iters):
-        for g in opt.param_groups:  # the warm-up's schedule
-            g["lr"] = a.lr * min(1.0, (it + 1) / 50) * 0.5 * (1 + math.cos(math.pi * it / a.iters))
+        for g in opt.param_groups:
+            g["lr"] = unigrpo.warmup_lr_at(cfg, it)
         pick = rng.sample(range(len(mix)), cfg.warmup_batch_size)
         loss, _, _ = unigrpo.warmup_step(model, opt, [mix[i] for i in pick], [answers[i] for i in pick], cfg)
         if it % 100 == 0 or it == a.iters - 1:
