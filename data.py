@@ -17,8 +17,9 @@ exactly. The world:
     story          "story : <scene> the red circle moves right . 3 steps ."  one object moves one cell
                    per step; the grid wraps around (a torus: leaving on the right re-enters on the
                    left), so every move is legal and the next state is always defined.
-    howto          "howto : <scene> make it a green square at the right ."  one attribute changes per
-                   step, always in the order colour, shape, position, skipping those already right.
+    howto          "howto : <scene> make it a green square at the right . 2 steps ."  one attribute
+                   changes per step, always in the order colour, shape, position, skipping those
+                   already right (so the step count follows from the scene; the prompt states it).
     continuation   a story whose first 1-2 steps are given in the prompt; predict the remaining 1-2.
     understanding  image in, description out.
     t2i            description in, image out.
@@ -287,7 +288,8 @@ def build_story(s0, mover, direction, n, image_size=48) -> Example:
 
 def build_howto(s0, colour, shape, cell, image_size=48) -> Example:
     states = howto_states(s0, colour, shape, cell)
-    text = f"howto : {describe(s0)} make it a {colour} {shape} at the {CELLS[cell]} ."
+    n = len(states)  # said in the prompt, as stories say theirs: r_f checks the layout the prompt asks for
+    text = f"howto : {describe(s0)} make it a {colour} {shape} at the {CELLS[cell]} . {n} steps ."
     return Example("howto", [("text", text)], _steps(states, image_size), states,
                    [describe(s) for s in states], _key("howto", s0, colour, shape, cell))
 

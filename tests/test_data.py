@@ -154,7 +154,7 @@ def test_story_examples():
 def test_howto_order_colour_shape_position():
     s0 = make_scene(("red", "circle", 0))
     ex = data.build_howto(s0, "green", "square", 5)
-    assert ex.prompt == [("text", "howto : the red circle is at the top left . make it a green square at the right .")]
+    assert ex.prompt == [("text", "howto : the red circle is at the top left . make it a green square at the right . 3 steps .")]
     assert ex.states == [make_scene(("green", "circle", 0)), make_scene(("green", "square", 0)),
                          make_scene(("green", "square", 5))]
     _check_answer(ex)
@@ -169,6 +169,9 @@ def test_howto_examples():
         _check_answer(ex)
         steps.add(ex.n_steps)
         start, goal = ex.prompt[0][1].removeprefix("howto : ").split(" make it a ")
+        goal, count = goal.split(" . ")
+        assert count == f"{ex.n_steps} steps ."
+        goal += " ."
         s = parse(start)
         colour, shape, *where = goal.split()[:-1]  # "green square at the right ."
         assert ex.states[-1] == make_scene((colour, shape, data.CELLS.index(" ".join(where[2:]))))
