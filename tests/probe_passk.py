@@ -19,23 +19,17 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import unigrpo  # noqa: E402
-from eval import oracle_step_scores  # noqa: E402
+from eval import oracle_step_scores, sample_answers  # noqa: E402
 
 
-@torch.no_grad()
 def pass_at_g(model, cfg, task, n_prompts, G, generator, batch_prompts=4):
     exs = data.make_examples(task, n_prompts, "eval", seed=cfg.seed, image_size=cfg.image_size)
+    answers = sample_answers(model, [e.prompt for e in exs for _ in range(G)], cfg, generator, batch=batch_prompts * G)
     first, every = [], []  # per prompt: the G samples' first-step and all-steps correctness
-    for i in range(0, n_prompts, batch_prompts):
-        chunk = exs[i:i + batch_prompts]
-        group = [e for e in chunk for _ in range(G)]
-        ro = unigrpo.sample_interleaved(model, [e.prompt for e in group], cfg.temperature, cfg.max_new_tokens,
-                                        cfg.max_text_tokens, cfg.max_images, generator=generator)
-        decoded = unigrpo.decode_rollout(model, ro)
-        for j, e in enumerate(chunk):
-            right = [[t for t, _, _ in oracle_step_scores(segs, e.states)] for segs, _ in decoded[j * G:(j + 1) * G]]
-            first.append([r[0] for r in right])
-            every.append([all(r) for r in right])
+    for j, e in enumerate(exs):
+        right = [[t for t, _, _ in oracle_step_scores(segs, e.states)] for segs in answers[j * G:(j + 1) * G]]
+        first.append([r[0] for r in right])
+        every.append([all(r) for r in right])
     rate = lambda rows: (sum(map(sum, rows)) / (G * len(rows)), sum(map(any, rows)) / len(rows))
     return rate(first), rate(every)
 
@@ -52,8 +46,8 @@ def main():
     path = args.checkpoint or os.path.join(args.out_dir, "warmup")
     if not os.path.exists(os.path.join(path, "config.json")):
         raise SystemExit(f"error: no checkpoint in {path}; run python unigrpo.py --stage warmup --out_dir {args.out_dir}")
-    model = unigrpo.load_model(path, "cpu").eval()
-    g = torch.Generator().manual_seed(cfg.seed)
+    model = unigrpo.load_model(path, unigrpo.resolve_device(cfg)).eval()
+    g = torch.Generator(device=model.device).manual_seed(cfg.seed)
     print(f"{path}: text steps right by the oracle, {args.prompts} held-out prompts per family, G = {args.G}")
     print(f"| family | first step pass@1 | first step pass@{args.G} | all steps pass@1 | all steps pass@{args.G} |")
     print("|---|---|---|---|---|")
