@@ -23,8 +23,8 @@ exactly. The world:
     continuation   a story whose first 1-2 steps are given in the prompt; predict the remaining 1-2.
     understanding  image in, description out.
     t2i            description in, image out.
-- Every prompt has a stable split (warmup / rl / eval) from a hash of its task, initial state and
-  parameters, so no prompt is ever seen in two splits.
+- Every prompt has a stable split (warmup / rl / eval) from a hash of the trajectory its states lie
+  on (`trajectory_key`), so no held-out answer is ever part of a training answer or prompt.
 
 Image tokenizer: a tiny Janus VQ-VAE (transformers' JanusVQVAE) trained here on rendered scenes.
 With the defaults (48 px, 8 px patches) an image is 6x6 = 36 tokens, 2x2 per grid cell.
@@ -197,6 +197,19 @@ def parse_image(img: Image.Image) -> tuple:
     return make_scene(*objs)
 
 
+def oracle_step_scores(segments, states):
+    """The oracle, per expected step: (text right, image shows its own text, step right: the text and the
+    image both show the true scene), read by the grammar parser and parse_image. Missing steps score 0."""
+    texts = [x for k, x in segments if k == "text"]
+    images = [x for k, x in segments if k == "image"]
+    out = []
+    for i, truth in enumerate(states):
+        said = parse(texts[i]) if i < len(texts) else None
+        seen = parse_image(images[i]) if i < len(images) and images[i] is not None else None
+        out.append((said == truth, seen is not None and seen == said, said == truth and seen == truth))
+    return out
+
+
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL -> float [3, H, W] in [-1, 1], the range the VQ-VAE works in."""
     return torch.from_numpy(np.asarray(img.convert("RGB"), np.float32)).permute(2, 0, 1) / 127.5 - 1
@@ -213,6 +226,7 @@ def to_image(t: torch.Tensor) -> Image.Image:
 TASKS = ("story", "howto", "continuation", "understanding", "t2i")
 INTERLEAVED = ("story", "howto", "continuation")
 DIRECTIONS = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
+STORY_OBJECTS = 1  # objects in a story's or continuation's scene (at most 2)
 
 
 # Segment = ("text", str) or ("image", PIL.Image): prompts and answers are lists of them
@@ -225,7 +239,8 @@ class Example:
     answer: list  # the target segments
     states: list = field(default_factory=list)  # true scene of each answer step (understanding/t2i: the scene)
     ref_texts: list = field(default_factory=list)  # the correct text of each answer step
-    key: str = ""  # task + initial state + parameters; what split_of hashes ("" for real data)
+    key: str = ""  # task + initial state + parameters: the prompt's identity ("" for real data)
+    trajectory: str = ""  # the trajectory its states lie on: what split_of hashes (see trajectory_key)
 
     @property
     def n_steps(self) -> int:
@@ -283,7 +298,8 @@ def build_story(s0, mover, direction, n, image_size=48) -> Example:
     states = story_states(s0, mover, direction, n)
     text = f"story : {describe(s0)} {_mover_words(s0, mover)} {direction} . {n} steps ."
     return Example("story", [("text", text)], _steps(states, image_size), states,
-                   [describe(s) for s in states], _key("story", s0, mover, direction, n))
+                   [describe(s) for s in states], _key("story", s0, mover, direction, n),
+                   trajectory_key("story", (s0, mover, direction, n)))
 
 
 def build_howto(s0, colour, shape, cell, image_size=48) -> Example:
@@ -291,7 +307,8 @@ def build_howto(s0, colour, shape, cell, image_size=48) -> Example:
     n = len(states)  # said in the prompt, as stories say theirs: r_f checks the layout the prompt asks for
     text = f"howto : {describe(s0)} make it a {colour} {shape} at the {CELLS[cell]} . {n} steps ."
     return Example("howto", [("text", text)], _steps(states, image_size), states,
-                   [describe(s) for s in states], _key("howto", s0, colour, shape, cell))
+                   [describe(s) for s in states], _key("howto", s0, colour, shape, cell),
+                   trajectory_key("howto", (s0, colour, shape, cell)))
 
 
 def build_continuation(s0, mover, direction, k, k_more, image_size=48) -> Example:
@@ -301,17 +318,19 @@ def build_continuation(s0, mover, direction, k, k_more, image_size=48) -> Exampl
     prompt += _steps(given, image_size)
     prompt += [("text", f"{k_more} more {'step' if k_more == 1 else 'steps'} .")]
     return Example("continuation", prompt, _steps(rest, image_size), rest,
-                   [describe(s) for s in rest], _key("continuation", s0, mover, direction, k, k_more))
+                   [describe(s) for s in rest], _key("continuation", s0, mover, direction, k, k_more),
+                   trajectory_key("continuation", (s0, mover, direction, k, k_more)))
 
 
 def build_understanding(s0, image_size=48) -> Example:
     return Example("understanding", [("text", "describe :"), ("image", render(s0, image_size))],
-                   [("text", describe(s0))], [s0], [describe(s0)], _key("understanding", s0))
+                   [("text", describe(s0))], [s0], [describe(s0)], _key("understanding", s0),
+                   trajectory_key("understanding", (s0,)))
 
 
 def build_t2i(s0, image_size=48) -> Example:
     return Example("t2i", [("text", "draw : " + describe(s0))], [("image", render(s0, image_size))],
-                   [s0], [describe(s0)], _key("t2i", s0))
+                   [s0], [describe(s0)], _key("t2i", s0), trajectory_key("t2i", (s0,)))
 
 
 BUILDERS = {"story": build_story, "howto": build_howto, "continuation": build_continuation,
@@ -327,7 +346,7 @@ def _movers(s0):
 
 def _stories(lengths):
     """(s0, mover, direction, n) of every story of n in lengths moves that never runs into the other object."""
-    for s0 in all_scenes():
+    for s0 in all_scenes(STORY_OBJECTS):
         for m in _movers(s0):
             for d in DIRECTIONS:
                 path = mover_path(s0[m].cell, d, max(lengths))
@@ -364,10 +383,50 @@ def _split_of_key(key: str) -> str:
     return "warmup" if h < 70 else "rl" if h < 90 else "eval"
 
 
+def trajectory_key(task, params) -> str:
+    """The unit of the split: every prompt whose states lie on one trajectory gets one split, so no held-out
+    answer is a prefix or a part of a training answer or prompt. Stories and continuations: the cycle the
+    mover travels on the torus (the other object, the mover, the direction, its row or column): a 2-step
+    story is the start of a 3-step one, and a continuation's answer is a story from a later state.
+    How-tos: prompts whose state sequences contain one another (_howto_components). Others: the prompt."""
+    if task in ("story", "continuation"):
+        s0, mover, direction = params[:3]
+        o = s0[mover]
+        others = [x for i, x in enumerate(s0) if i != mover]
+        line = o.cell // 3 if direction in ("left", "right") else o.cell % 3
+        return "|".join(["move", describe(others) if others else "-", o.colour, o.shape, direction, str(line)])
+    if task == "howto":
+        return "howto|" + _howto_components()[tuple(params)]
+    return _key(task, *params)
+
+
+@lru_cache(maxsize=None)
+def _howto_components() -> dict:
+    """Union-find over how-to prompts: two are joined when one's states (start included) are a run of the
+    other's, e.g. red circle -> green circle -> green square is the start of one more step."""
+    params = all_params("howto")
+    states = {p: (p[0], *howto_states(*p)) for p in params}
+    parent = {p: p for p in params}
+
+    def root(p):
+        while parent[p] != p:
+            parent[p] = p = parent[parent[p]]
+        return p
+    by_states = {}
+    for p, s in states.items():
+        by_states.setdefault(s, []).append(p)
+    for p, s in states.items():
+        for i in range(len(s)):
+            for j in range(i + 2, len(s) + 1):
+                for q in by_states.get(s[i:j], ()):
+                    parent[root(p)] = root(q)
+    return {p: _key("howto", *root(p)) for p in params}
+
+
 def split_of(example: Example) -> str:
-    """'warmup' (~70%), 'rl' (~20%) or 'eval' (~10%), fixed by the prompt's task, start and parameters."""
-    if example.key:
-        return _split_of_key(example.key)
+    """'warmup' (~70%), 'rl' (~20%) or 'eval' (~10%), fixed by the example's trajectory."""
+    if example.trajectory:
+        return _split_of_key(example.trajectory)
     # real data has no parameters: hash the prompt's content itself
     h = hashlib.sha256(example.task.encode())
     for kind, value in example.prompt:
@@ -379,7 +438,7 @@ def split_of(example: Example) -> str:
 def _split_params(task: str, split: str) -> list:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    return [p for p in all_params(task) if _split_of_key(_key(task, *p)) == split]
+    return [p for p in all_params(task) if _split_of_key(trajectory_key(task, p)) == split]
 
 
 def make_examples(task: str, n: int, split: str, seed: int, image_size: int = 48) -> list:
