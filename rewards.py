@@ -85,10 +85,12 @@ def format_reward(segments, n_steps, finished, task=None) -> float:
 
 
 class ToyTextCritic:
-    """Scores each text step against the reference step by parsing both into scenes."""
+    """Scores each text step against the reference step by parsing both into scenes: 1 for the right scene,
+    else `partial` times the fraction of attributes right (a near miss is still wrong)."""
 
-    def __init__(self, parse):
+    def __init__(self, parse, partial=0.5):
         self.parse = parse  # the toy world's text -> scene (tuple of objects with colour/shape/cell) or None
+        self.partial = partial
 
     def step_scores(self, texts, ref_texts):
         scores = []
@@ -101,7 +103,7 @@ class ToyTextCritic:
                 raise ValueError(f"reference text {ref_texts[i]!r} does not parse; "
                                  "the toy critic needs toy-world references")
             gen = self.parse(text)
-            scores.append(0.0 if gen is None else scene_match(gen, ref))
+            scores.append(0.0 if gen is None else 1.0 if gen == ref else self.partial * scene_match(gen, ref))
         return scores
 
 
@@ -397,15 +399,20 @@ class ImageRewardScorer:
 # process (per-step) rewards and the hybrid outcome reward
 
 
-def batch_step_rewards(batch_segments, batch_ref_texts, text_critic, visual_scorer, batch_tasks=None):
-    """step_rewards for a whole batch with one visual_scorer call for all images of the batch."""
+def batch_step_rewards(batch_segments, batch_ref_texts, text_critic, visual_scorer, batch_tasks=None, batch_n_steps=None):
+    """step_rewards for a whole batch with one visual_scorer call for all images of the batch. With
+    batch_n_steps, a step beyond the layout the prompt asks for (an extra text or image) earns 0: the
+    outcome terms do not count it, so the process reward must not pay for drawing it either."""
     batch_tasks = batch_tasks or [None] * len(batch_segments)
+    batch_n_steps = batch_n_steps or [None] * len(batch_segments)
     steps, pairs = [], []  # pairs: (sample, segment index, image, text) still to be scored
-    for b, (segments, ref_texts, task) in enumerate(zip(batch_segments, batch_ref_texts, batch_tasks)):
+    for b, (segments, ref_texts, task, n) in enumerate(zip(batch_segments, batch_ref_texts, batch_tasks, batch_n_steps)):
+        layout = expected_layout(n, task) if n is not None else None
+        n_text, n_image = (layout.count("text"), layout.count("image")) if layout else (len(segments),) * 2
         out = [None] * len(segments)
         text_pos = [j for j, (kind, x) in enumerate(segments) if kind == "text" and has_words(x)]
-        for j, s in zip(text_pos, text_critic.step_scores([segments[j][1] for j in text_pos], ref_texts)):
-            out[j] = float(s)
+        for i, (j, s) in enumerate(zip(text_pos, text_critic.step_scores([segments[j][1] for j in text_pos], ref_texts))):
+            out[j] = float(s) if i < n_text else 0.0
         n_img = 0
         for j, (kind, img) in enumerate(segments):
             if kind != "image":
@@ -417,7 +424,7 @@ def batch_step_rewards(batch_segments, batch_ref_texts, text_critic, visual_scor
                 text = prev[1] if prev is not None and prev[0] == "text" and has_words(prev[1]) else None
             n_img += 1
             out[j] = 0.0
-            if img is not None and text is not None:
+            if img is not None and text is not None and n_img <= n_image:
                 pairs.append((b, j, img, text))
         steps.append(out)
     if pairs:
@@ -427,10 +434,11 @@ def batch_step_rewards(batch_segments, batch_ref_texts, text_critic, visual_scor
     return steps
 
 
-def step_rewards(segments, ref_texts, text_critic, visual_scorer, task=None):
+def step_rewards(segments, ref_texts, text_critic, visual_scorer, task=None, n_steps=None):
     """One reward per segment: a text step its r_t score, an image its r_v against the text right
-    before it (0 if there is none or the image is None), None for a segment that is no step."""
-    return batch_step_rewards([segments], [ref_texts], text_critic, visual_scorer, [task])[0]
+    before it (0 if there is none, the image is None, or it is beyond n_steps), None for a segment
+    that is no step."""
+    return batch_step_rewards([segments], [ref_texts], text_critic, visual_scorer, [task], [n_steps])[0]
 
 
 def hybrid_reward(batch_segments, batch_finished, batch_ref_texts, batch_n_steps, text_critic, visual_scorer,
@@ -438,7 +446,7 @@ def hybrid_reward(batch_segments, batch_finished, batch_ref_texts, batch_n_steps
     """R = r_t + r_v + r_f over the enabled terms (unweighted, as in the paper). Every term is
     computed even when disabled so that it can be logged."""
     batch_tasks = batch_tasks or [None] * len(batch_segments)
-    steps = batch_step_rewards(batch_segments, batch_ref_texts, text_critic, visual_scorer, batch_tasks)
+    steps = batch_step_rewards(batch_segments, batch_ref_texts, text_critic, visual_scorer, batch_tasks, batch_n_steps)
     fmt, txt, vis = [], [], []
     for segments, finished, n, task, st in zip(batch_segments, batch_finished, batch_n_steps, batch_tasks, steps):
         layout = expected_layout(n, task)

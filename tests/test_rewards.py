@@ -161,7 +161,7 @@ def test_hybrid_reward_sum_and_switches():
     assert out["text"].tolist() == pytest.approx([1.0, 0.5, (2 / 3 + 0) / 2, 1.0])
     assert out["visual"].tolist() == pytest.approx([0.5, 0.25, 0.5, 0.5])
     assert torch.allclose(out["reward"], out["format"] + out["text"] + out["visual"])
-    assert len(fake.calls) == 1 and len(fake.calls[0][0]) == 2 + 1 + 2 + 3  # one batched CLIP call
+    assert len(fake.calls) == 1 and len(fake.calls[0][0]) == 2 + 1 + 2 + 2  # one batched CLIP call; not the extra image
     assert [len(s) for s in out["steps"]] == [len(b) for b in batch]
     assert out["steps"][2] == pytest.approx([2 / 3, 0.5, 0.0, 0.5])
     for flags, terms in [(dict(use_format=False), ("text", "visual")), (dict(use_text=False), ("format", "visual")),
@@ -291,3 +291,33 @@ def test_full_scale_slots_without_downloads():
     s = ClipScorer(Stub(), lambda texts: torch.tensor([float(t) for t in texts]), lambda img: torch.zeros(1))
     got = s.score([IMG] * 4, ["-0.2", "0.1", "0.3", "0.9"])
     assert got.tolist() == pytest.approx([0.0, 0.25, 0.75, 1.0])
+
+
+def test_steps_beyond_the_asked_layout_earn_nothing():
+    """A G=2 group of a 2-step story: one rollout well formed, the other the same plus an extra (text, image)
+    pair. The extra image is not scored and earns 0, so its process advantage is negative (it broke the
+    layout), not the positive one it would get from r_v alone."""
+    from unigrpo import process_advantages
+
+    class ByText(FakeScorer):  # r_v 0.8 for every pair it is asked about
+        def score(self, images, texts):
+            super().score(images, texts)
+            return torch.full((len(images),), 0.8)
+    critic, scorer = ToyTextCritic(data.parse), ByText()
+    refs = [data.describe(S1), data.describe(S2)]
+    good = pairs(S1, S2)
+    extra = good + [("text", data.describe(S3)), ("image", data.render(S3))]
+    steps = rewards.batch_step_rewards([good, extra], [refs, refs], critic, scorer, batch_n_steps=[2, 2])
+    assert steps[0] == pytest.approx([1.0, 0.8, 1.0, 0.8])
+    assert steps[1] == pytest.approx([1.0, 0.8, 1.0, 0.8, 0.0, 0.0])
+    assert sum(len(images) for images, _ in scorer.calls) == 4  # the extra image was never scored
+    nan = float("nan")
+    sr = torch.tensor([steps[0] + [nan, nan], steps[1]])
+    token_step = torch.arange(6).repeat(2, 1)  # one token per step
+    adv = process_advantages(sr, token_step, 2)
+    assert adv[1, 5] < 0 and adv[1, 4] < 0  # the extra pair is discouraged
+    # without n_steps, the old rule: the extra image is scored like any other (what the fix prevents)
+    old = rewards.batch_step_rewards([extra], [refs], critic, ByText())[0]
+    assert old[5] == pytest.approx(0.8)
+    out = rewards.hybrid_reward([good, extra], [True, True], [refs, refs], [2, 2], critic, ByText())
+    assert out["steps"][1][4:] == [0.0, 0.0] and out["format"].tolist() == [1.0, 0.0]
