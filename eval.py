@@ -45,39 +45,6 @@ import rewards
 import unigrpo
 
 
-def oracle_step_scores(segments, states):
-    """Per expected step: (text right, image matches its text, step right). Missing steps score 0."""
-    texts = [x for k, x in segments if k == "text"]
-    images = [x for k, x in segments if k == "image"]
-    out = []
-    for i, truth in enumerate(states):
-        said = data.parse(texts[i]) if i < len(texts) else None
-        seen = data.parse_image(images[i]) if i < len(images) and images[i] is not None else None
-        out.append((said == truth, seen is not None and seen == said, said == truth and seen == truth))
-    return out
-
-
-@torch.no_grad()
-def evaluate_interleaved(model, examples, critic, scorer, cfg, seed=0):
-    """Sample one answer per held-out interleaved prompt; oracle, format and reward terms."""
-    g = torch.Generator(device=model.device).manual_seed(seed)
-    rows = []
-    for i in range(0, len(examples), 32):
-        ex = examples[i:i + 32]
-        ro = unigrpo.sample_interleaved(model, [e.prompt for e in ex], cfg.temperature, cfg.max_new_tokens,
-                                        cfg.max_text_tokens, cfg.max_images, generator=g, cfg_scale=cfg.cfg_scale)
-        sc = unigrpo.score_rollout(model, ro, ex, critic, scorer, cfg)
-        for j, e in enumerate(ex):
-            segs = sc["decoded"][j][0]
-            o = oracle_step_scores(segs, e.states)
-            rows.append(dict(oracle_step=sum(s for _, _, s in o) / len(o), oracle_text=sum(t for t, _, _ in o) / len(o),
-                             oracle_image=sum(m for _, m, _ in o) / len(o), format=float(sc["format"][j]),
-                             text=float(sc["text"][j]), visual=float(sc["visual"][j]),
-                             reward=float(sc["reward"][j]),
-                             images=sum(k == "image" for k, _ in segs)))
-    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
-
-
 @torch.no_grad()
 def sample_answers(model, prompts, cfg, generator, batch=32, desc=None):
     """One sampled answer per prompt, as segments (images PIL; None for a grid cut short by a limit).
@@ -91,35 +58,11 @@ def sample_answers(model, prompts, cfg, generator, batch=32, desc=None):
     return out
 
 
-@torch.no_grad()
-def evaluate_retained(model, cfg, n, seed=0):
-    """Understanding accuracy and text-to-image accuracy by the oracle."""
-    g = torch.Generator(device=model.device).manual_seed(seed)
-    und = data.make_examples("understanding", n, "eval", seed=seed, image_size=cfg.image_size)
-    t2i = data.make_examples("t2i", n, "eval", seed=seed, image_size=cfg.image_size)
-    res = {}
-    first = lambda segs, kind: next((x for k, x in segs if k == kind), None)  # the answer's first text / image
-    for name, ex, check in (("understanding_acc", und, lambda segs, s: data.parse(first(segs, "text") or "") == s),
-                            ("t2i_acc", t2i, lambda segs, s: (im := first(segs, "image")) is not None and data.parse_image(im) == s)):
-        answers = sample_answers(model, [e.prompt for e in ex], cfg, g)
-        res[name] = sum(check(segs, e.states[0]) for segs, e in zip(answers, ex)) / n
-    return res
-
-
-def eval_prompts(cfg, n):
-    per = max(1, n // 3)
-    return [e for t in ("story", "howto", "continuation") for e in data.make_examples(t, per, "eval", seed=cfg.seed, image_size=cfg.image_size)]
-
-
 def evaluate_checkpoint(path, cfg, n=None, critic_scorer=None, seed=0):
-    """The toy benchmark and retained abilities of one checkpoint; `seed` picks the sampling noise
-    (the held-out prompts follow cfg.seed)."""
-    n = n or cfg.eval_prompts
+    """unigrpo.evaluate on one checkpoint; `seed` picks the sampling noise (the held-out prompts follow cfg.seed)."""
     model = unigrpo.load_model(path, unigrpo.resolve_device(cfg)).eval()
     critic, scorer = critic_scorer or unigrpo.build_scorers(cfg, model.tokenizer, model.device)
-    out = evaluate_interleaved(model, eval_prompts(cfg, n), critic, scorer, cfg, seed)
-    out.update(evaluate_retained(model, cfg, n, seed))
-    return out
+    return unigrpo.evaluate(model, critic, scorer, cfg, n or cfg.eval_prompts, seed)
 
 
 COLUMNS = ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "text", "visual", "images", "understanding_acc", "t2i_acc")
@@ -895,10 +838,42 @@ def _mean_sd(v):
     return m, (math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else None)
 
 
+def t_cdf(t, df):
+    """Student's t distribution function, by Simpson's rule over the density (exact to ~1e-9 here)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    pdf = lambda x: c * (1 + x * x / df) ** (-(df + 1) / 2)
+    n, a = 2000, abs(t)
+    h = a / n
+    area = h / 3 * sum(pdf(i * h) * (1 if i in (0, n) else 4 if i % 2 else 2) for i in range(n + 1))
+    return 0.5 + math.copysign(area, t)
+
+
+def t_quantile(p, df):
+    """The p quantile of Student's t, by bisection on t_cdf."""
+    lo, hi = -1e3, 1e3
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_interval(diffs, level=0.95):
+    """Mean of paired (same seed) differences, the half-width of its t interval at n - 1 degrees of
+    freedom, and the two-sided p-value of 'no difference'. Half-width and p are None for one pair."""
+    n = len(diffs)
+    m, sd = _mean_sd(diffs)
+    if n < 2:
+        return m, None, None
+    if sd == 0:
+        return m, 0.0, 0.0 if m != 0 else 1.0
+    se = sd / math.sqrt(n)
+    return m, t_quantile(0.5 + level / 2, n - 1) * se, 2 * (1 - t_cdf(abs(m) / se, n - 1))
+
+
 def ablation_trend(results, key, seeds, metric="oracle_step"):
     """One line: does this row move the headline metric against its comparison row as in the paper?
-    Ours is the mean paired (same seed) difference with its standard error; "within noise" when
-    |mean| <= 2 s.e.; with one seed only the sign can be compared."""
+    Ours is the mean paired (same seed) difference with its 95% t interval and p-value; "within noise"
+    when the interval holds 0; with one seed only the sign can be compared."""
     row = {a[0]: a for a in ABLATIONS}
     _, _, _, vs, mmie, ib = row[key]
     if vs is None:
@@ -910,15 +885,14 @@ def ablation_trend(results, key, seeds, metric="oracle_step"):
         return f"vs {vs_label}: not run"
     arrow = lambda x: "↑" if x > 0 else "↓" if x < 0 else "="
     paper = ", ".join(f"{n} {b - a:+.2f}" for n, a, b in (("MMIE", vs_mmie, mmie), ("IB", vs_ib, ib)) if a is not None and b is not None)
-    m, sd = _mean_sd(d)
-    se = sd / math.sqrt(len(d)) if sd is not None else None
-    ours = f"{m:+.3f}" + (f" ± {se:.3f} s.e. ({len(d)} seeds)" if se is not None else " (1 seed)")
+    m, half, p = paired_interval(d)
+    ours = f"{m:+.3f}" + (f", 95% CI [{m - half:+.3f}, {m + half:+.3f}], p = {p:.2g} ({len(d)} seeds)" if half is not None else " (1 seed)")
     if all(x == 0 for x in d):
         verdict = "flat: not reproduced"
-    elif se is not None and abs(m) <= 2 * se:
+    elif half is not None and abs(m) <= half:
         verdict = "within noise"
     elif (m > 0) == (ib > vs_ib):
-        verdict = "agrees" if se is not None else "agrees in sign (1 seed, no spread)"
+        verdict = "agrees" if half is not None else "agrees in sign (1 seed, no spread)"
     else:
         verdict = "disagrees"
     return f"vs {vs_label}: paper {arrow(ib - vs_ib)} ({paper}); ours {arrow(m)} {ours}: {verdict}"
@@ -941,13 +915,13 @@ def ablation_table(results, keys, seeds):
     return "\n".join(lines)
 
 
-def _share(root, run):
-    """A row's out_dir sees the common prepared world and warm-up through links: nothing is copied or retrained."""
+def _share(run, **targets):
+    """A run's out_dir sees stages made elsewhere through links (name -> folder): nothing is copied or retrained."""
     os.makedirs(run, exist_ok=True)
-    for name in ("prepare", "warmup"):
+    for name, target in targets.items():
         link = os.path.join(run, name)
         if not os.path.lexists(link):
-            os.symlink(os.path.relpath(os.path.join(root, name), run), link, target_is_directory=True)
+            os.symlink(os.path.relpath(target, run), link, target_is_directory=True)
 
 
 def run_ablations(cfg, argv, n_seeds=3, only=""):
@@ -977,8 +951,8 @@ def run_ablations(cfg, argv, n_seeds=3, only=""):
             raise SystemExit(f"error: {path} holds results made with other settings ("
                              + ", ".join(f"--{k}={saved['settings'].get(k)!r}" for k in diff)
                              + "); pass the same settings to continue it, or use another --out_dir")
-    print(f"[ablations] common start: prepared world and warm-up in {cfg.out_dir}")
-    unigrpo.main([*argv, f"--out_dir={cfg.out_dir}", "--stage=warmup"])
+    print(f"[ablations] common start: the prepared world in {cfg.out_dir}; one warm-up per seed in {root}/warmup")
+    unigrpo.main([*argv, f"--out_dir={cfg.out_dir}", "--stage=prepare"])
     base = cfg.model or os.path.join(root, "base_model")  # an untrained start: the paper's "base model" row
     if not cfg.model and not os.path.exists(os.path.join(base, "config.json")):
         tok, vq, _ = unigrpo.load_prepared(cfg)
@@ -993,11 +967,15 @@ def run_ablations(cfg, argv, n_seeds=3, only=""):
             continue
         flags = next(a[2] for a in ABLATIONS if a[0] == key)
         t0 = time.time()
-        if flags is None:  # no GRPO: evaluate the untrained model or the common warm-up
-            ckpt = base if key == "base" else os.path.join(cfg.out_dir, "warmup")
+        # this seed's warm-up (every row's spread then holds training noise, the warm-up row's too)
+        warm = os.path.join(root, "warmup", f"seed{k}")
+        _share(warm, prepare=os.path.join(cfg.out_dir, "prepare"))
+        unigrpo.main([*argv, f"--out_dir={warm}", "--stage=warmup", f"--seed={cfg.seed + k}"])
+        if flags is None:  # no GRPO: evaluate the untrained model or this seed's warm-up
+            ckpt = base if key == "base" else os.path.join(warm, "warmup")
         else:
             run = os.path.join(root, key, f"seed{k}")
-            _share(cfg.out_dir, run)
+            _share(run, prepare=os.path.join(cfg.out_dir, "prepare"), warmup=os.path.join(warm, "warmup"))
             row = [*argv, f"--out_dir={run}", "--stage=grpo"] + [f"--{a}={v}" for a, v in {**FULL_METHOD, **flags, "seed": cfg.seed + k}.items()]
             print(f"{tag}: GRPO, {cfg.grpo_iters} iters, as python unigrpo.py {' '.join(row)}")
             unigrpo.main(row)
@@ -1014,10 +992,10 @@ def run_ablations(cfg, argv, n_seeds=3, only=""):
     table = ablation_table(saved["results"], rows, seeds)
     cmd = " ".join(["python eval.py --ablations", f"--seeds={n_seeds}"] + ([f"--rows={only}"] if only else []) + argv)
     md = (f"# Ablations in the toy world\n\n`{cmd}`\n\n"
-          f"GRPO iterations per row: {cfg.grpo_iters}; warm-up: {cfg.warmup_iters} iterations, shared by all rows; "
+          f"GRPO iterations per row: {cfg.grpo_iters}; warm-up: {cfg.warmup_iters} iterations, one per seed, shared by the rows; "
           f"{cfg.eval_prompts} held-out prompts per evaluation; seeds {cfg.seed}..{cfg.seed + n_seeds - 1}.\n"
-          "Our cells: mean ± sample std over seeds (the seed changes GRPO's prompts and sampling and the evaluation's "
-          "prompts and sampling; the warm-up is one run). The headline is oracle_step (no reward model involved). "
+          "Our cells: mean ± sample std over seeds (the seed changes the warm-up, GRPO's prompts and sampling, and the "
+          "evaluation's prompts and sampling). The headline is oracle_step (no reward model involved). "
           "Every checkpoint is scored with the default r_t / r_v models, so the reward column is comparable across "
           "rows. The paper's columns are MMIE AVG (%) and InterleavedBench AVG (0..5), a different metric on "
           "different data: compare trends, not values.\n\n" + table + "\n")

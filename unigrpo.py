@@ -68,6 +68,7 @@ max_images = 4            # a row that opens one image more stops (runaway image
 # GRPO (stage 2)
 grpo_iters = 60
 prompts_per_step = 8
+rl_tasks = "story,howto,continuation"  # the task families GRPO's prompts come from (RL split)
 group_size = 4            # G, rollouts per prompt (paper: 4)
 lr = 3e-5                 # AdamW; 1e-4 and up erased understanding and text-to-image (forgetting)
 inner_epochs = 2          # optimisation passes over each batch of rollouts
@@ -83,6 +84,8 @@ visual_scorer = "clip"    # clip (tiny CLIP trained here) | clip_weak (trained 1
 text_critic = "toy"       # toy | a HF id / folder of a VLM critic (full scale)
 # eval
 eval_prompts = 256        # eval.py: held-out prompts per evaluation (64 gave a seed-to-seed std of ~0.04 on oracle_step)
+eval_interval = 10        # GRPO iterations between held-out evaluations (eval/* rows in metrics.jsonl); 0 = off
+run_eval_prompts = 96     # held-out prompts per such evaluation and for the before/after table at the end of GRPO
 # system
 dtype = "float32"         # float32 | bfloat16: bf16 autocast (GPU); trained weights and AdamW stay float32
 grad_checkpointing = False  # recompute decoder layers in backward: less activation memory (GPU, long rollouts)
@@ -746,7 +749,10 @@ def grpo(cfg, log):
     score_fn = lambda ro, group: score_rollout(policy, ro, group, critic, scorer, cfg)
     k = cfg.prompts_per_step // world_size()
     mine = range(rank() * k, (rank() + 1) * k)  # this rank's prompts of the global batch
+    held_out = lambda it: log_evaluation(policy, critic, scorer, cfg, log, it)
     for it in tqdm(range(start, cfg.grpo_iters), desc="grpo", initial=start, total=cfg.grpo_iters, disable=None if rank() == 0 else True):
+        if cfg.eval_interval and it % cfg.eval_interval == 0:
+            held_out(it)  # iteration 0: the warm-up model, the "before" of the table at the end
         examples = rng.sample(prompts_pool, cfg.prompts_per_step)  # the global batch: the same draw on every rank
         # rollout noise is a function of (seed, iter, prompt), not of the rank layout: N processes sample what one does
         gens = [torch.Generator(dev).manual_seed(((cfg.seed * 1_000_003 + it) * 1_000_003 + p) % 2**63) for p in mine]
@@ -759,6 +765,37 @@ def grpo(cfg, log):
             save_checkpoint(policy, ckpt, trainer_state(opt, it + 1))
         if (it + 1) % cfg.storyboard_interval == 0 or it + 1 == cfg.grpo_iters:
             write_storyboard(policy, cfg, "grpo", it + 1)
+    if cfg.eval_interval and start < cfg.grpo_iters:
+        print_before_after(cfg, held_out(cfg.grpo_iters), lambda: log_evaluation(load_model(init, dev).eval(), critic, scorer, cfg, log, 0))
+
+
+def log_evaluation(model, critic, scorer, cfg, log, it):
+    """evaluate() on run_eval_prompts held-out prompts, logged as eval/* at `it` (the master evaluates; the
+    others wait). The noise seed is fixed, so every evaluation of a run sees the same prompts and noise."""
+    res = None
+    if rank() == 0:
+        t0, was_training = time.time(), model.training
+        res = evaluate(model.eval(), critic, scorer, cfg, cfg.run_eval_prompts, seed=cfg.seed)
+        model.train(was_training)
+        log({"stage": "grpo", "iter": it, **{f"eval/{k}": v for k, v in res.items()}, "time/eval": time.time() - t0})
+    barrier()
+    return res
+
+
+def print_before_after(cfg, after, evaluate_warmup):
+    """The warm-up (GRPO's iteration-0 evaluation, from metrics.jsonl) against the final policy, same prompts and noise."""
+    if rank() > 0:
+        return
+    rows = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "metrics.jsonl"))]
+    before = next((r for r in rows if r.get("stage") == "grpo" and r["iter"] == 0 and "eval/oracle_step" in r), None)
+    before = {k[5:]: v for k, v in before.items() if k.startswith("eval/")} if before else evaluate_warmup()
+    cols = ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "understanding_acc", "t2i_acc")
+    print(f"\nheld-out prompts ({cfg.run_eval_prompts} interleaved, {cfg.run_eval_prompts} understanding, "
+          f"{cfg.run_eval_prompts} text-to-image; one sample each, temperature {cfg.temperature}):")
+    print(f"{'':8}" + "".join(f"{c:>18}" for c in cols))
+    for name, r in (("warm-up", before), ("GRPO", after), ("change", {c: after[c] - before[c] for c in cols})):
+        print(f"{name:8}" + "".join(f"{r[c]:>+18.3f}" if name == "change" else f"{r[c]:>18.3f}" for c in cols))
+    print(f"full evaluation ({cfg.eval_prompts} prompts per group): python eval.py --out_dir {cfg.out_dir}")
 
 
 def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
@@ -816,9 +853,42 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
     return mean_over_ranks(metrics, {"kl": n, "clip_ratio": n, "entropy": n})
 
 
+@torch.no_grad()
+def evaluate(model, critic, scorer, cfg, n, seed=0):
+    """The held-out benchmark: one sample per eval-split prompt (n // 3 per interleaved family, n understanding,
+    n text-to-image; the prompts follow cfg.seed), scored by the oracle (no reward model: the honest number)
+    and by the hybrid reward. Every prompt draws its own noise from (seed, its index), so two checkpoints
+    evaluated with one seed are compared on common random numbers."""
+    make = lambda task, k: data.make_examples(task, k, "eval", seed=cfg.seed, image_size=cfg.image_size)
+    inter = [e for t in data.INTERLEAVED for e in make(t, max(1, n // 3))]
+    examples, rows = inter + make("understanding", n) + make("t2i", n), []
+    for i in range(0, len(examples), 32):
+        ex = examples[i:i + 32]
+        gens = [torch.Generator(model.device).manual_seed(seed * 1_000_003 + i + j) for j in range(len(ex))]
+        ro = sample_interleaved(model, [e.prompt for e in ex], cfg.temperature, cfg.max_new_tokens, cfg.max_text_tokens,
+                                cfg.max_images, gens, cfg.cfg_scale)
+        sc = score_rollout(model, ro, ex, critic, scorer, cfg)
+        for j, e in enumerate(ex):
+            segs = sc["decoded"][j][0]
+            first = lambda kind: next((x for k, x in segs if k == kind), None)  # the answer's first text / image
+            if e.task == "understanding":
+                rows.append(dict(task=e.task, understanding_acc=float(data.parse(first("text") or "") == e.states[0])))
+            elif e.task == "t2i":
+                rows.append(dict(task=e.task, t2i_acc=float(first("image") is not None and data.parse_image(first("image")) == e.states[0])))
+            else:
+                o = data.oracle_step_scores(segs, e.states)
+                rows.append(dict(task=e.task, oracle_step=sum(s for _, _, s in o) / len(o), oracle_text=sum(t for t, _, _ in o) / len(o),
+                                 oracle_image=sum(m for _, m, _ in o) / len(o), format=float(sc["format"][j]), text=float(sc["text"][j]),
+                                 visual=float(sc["visual"][j]), reward=float(sc["reward"][j]), images=sum(k == "image" for k, _ in segs)))
+    mean = lambda key, task=None: (lambda v: sum(v) / len(v))([r[key] for r in rows if key in r and task in (None, r["task"])])
+    out = {k: mean(k) for k in ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "text", "visual", "images",
+                                "understanding_acc", "t2i_acc")}
+    return {**out, **{f"oracle_step/{t}": mean("oracle_step", t) for t in data.INTERLEAVED}}
+
+
 def rl_prompts(cfg):
     """GRPO prompts: the interleaved task families from the RL split (never seen in warm-up)."""
-    return [e for task in ("story", "howto", "continuation")
+    return [e for task in cfg.rl_tasks.split(",")
             for e in data.make_examples(task, 400, "rl", seed=cfg.seed, image_size=cfg.image_size)]
 
 
@@ -945,8 +1015,10 @@ def make_logger(cfg):
             return
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        keys = ("loss", "reward", "rewards/format/mean", "rewards/text/mean", "rewards/visual/mean", "kl", "clip_ratio")
+        keys = ("loss", "reward", "rewards/format/mean", "rewards/text/mean", "rewards/visual/mean", "kl", "clip_ratio",
+                "eval/oracle_step", "eval/reward", "eval/format", "eval/understanding_acc", "eval/t2i_acc")
         msg = " ".join(f"{k.split('/')[1] if '/' in k else k} {row[k]:.4f}" for k in keys if k in row)
+        msg = ("held-out: " if "eval/reward" in row else "") + msg
         secs = sum(v for k, v in row.items() if k.startswith("time/")) or row.get("sec", 0)
         tqdm.write(f"[{row['stage']}] iter {row['iter']}: {msg} | {secs:.2f}s")
     return log

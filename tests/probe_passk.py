@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import unigrpo  # noqa: E402
-from eval import oracle_step_scores, sample_answers  # noqa: E402
+from eval import sample_answers  # noqa: E402
 
 
 def pass_at_g(model, cfg, task, n_prompts, G, generator, batch_prompts=4):
@@ -27,7 +27,7 @@ def pass_at_g(model, cfg, task, n_prompts, G, generator, batch_prompts=4):
     answers = sample_answers(model, [e.prompt for e in exs for _ in range(G)], cfg, generator, batch=batch_prompts * G)
     first, every = [], []  # per prompt: the G samples' first-step and all-steps correctness
     for j, e in enumerate(exs):
-        right = [[t for t, _, _ in oracle_step_scores(segs, e.states)] for segs in answers[j * G:(j + 1) * G]]
+        right = [[t for t, _, _ in data.oracle_step_scores(segs, e.states)] for segs in answers[j * G:(j + 1) * G]]
         first.append([r[0] for r in right])
         every.append([all(r) for r in right])
     rate = lambda rows: (sum(map(sum, rows)) / (G * len(rows)), sum(map(any, rows)) / len(rows))

@@ -570,13 +570,18 @@ def test_ablations_smoke_and_resume(tmp_path, tiny, monkeypatch, capsys):
     assert sorted(saved["results"]) == ["rf/seed0", "warmup/seed0"]
     for res in saved["results"].values():
         assert all(isinstance(res[c], float) and math.isfinite(res[c]) for c in E.ABLATION_COLUMNS)
-    # the common start, then the r_f-only row in its own out_dir, through the CLI's flags, from the shared warm-up
-    assert calls[0][-1] == "--stage=warmup" and len(calls) == 2
-    rf = calls[1]
+    # the common prepared world, this seed's warm-up (trained once, then found finished), then the r_f-only row in
+    # its own out_dir, through the CLI's flags, from that warm-up
+    warm = os.path.join(root, "warmup", "seed0")
+    assert [c[-2:] if c[-1].startswith("--seed=") else c[-1:] for c in calls[:3]] == [
+        ["--stage=prepare"], ["--stage=warmup", "--seed=1337"], ["--stage=warmup", "--seed=1337"]] and len(calls) == 4
+    assert f"--out_dir={warm}" in calls[1]
+    rf = calls[3]
     assert f"--out_dir={os.path.join(root, 'rf', 'seed0')}" in rf and "--stage=grpo" in rf
     assert {"--use_text_reward=False", "--use_visual_reward=False", "--process_reward=False", "--group_size=4"} <= set(rf)
-    assert os.path.realpath(os.path.join(root, "rf", "seed0", "warmup")) == os.path.realpath(os.path.join(out, "warmup"))
-    assert evals == [os.path.join(out, "warmup"), os.path.join(root, "rf", "seed0", "grpo")]
+    assert os.path.realpath(os.path.join(root, "rf", "seed0", "warmup")) == os.path.realpath(os.path.join(warm, "warmup"))
+    assert os.path.realpath(os.path.join(warm, "prepare")) == os.path.realpath(os.path.join(out, "prepare"))
+    assert evals == [os.path.join(warm, "warmup"), os.path.join(root, "rf", "seed0", "grpo")]
     assert "[ablations 2/2] rf seed 0" in first
     # rerun: nothing is trained or evaluated again
     stamp = os.path.getmtime(os.path.join(root, "rf", "seed0", "grpo", "trainer_state.pt"))
@@ -584,7 +589,7 @@ def test_ablations_smoke_and_resume(tmp_path, tiny, monkeypatch, capsys):
     evals.clear()
     E.main(args)
     assert capsys.readouterr().out.count("finished earlier, skipped") == 2
-    assert evals == [] and [c[-1] for c in calls] == ["--stage=warmup"]
+    assert evals == [] and [c[-1] for c in calls] == ["--stage=prepare"]
     assert os.path.getmtime(os.path.join(root, "rf", "seed0", "grpo", "trainer_state.pt")) == stamp
     assert json.load(open(os.path.join(root, "ablations.json")))["results"] == saved["results"]
     with pytest.raises(SystemExit, match="other settings.*--grpo_iters=1"):

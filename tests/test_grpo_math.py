@@ -88,3 +88,16 @@ def test_kl_term_and_normalisations():
     assert ls.item() == pytest.approx(-seq, abs=1e-6)
     assert lt.item() == pytest.approx(-tok, abs=1e-6)
     assert st["kl"] == pytest.approx(kl0 / 4, abs=1e-6)
+
+
+def test_t_interval_known_values():
+    import eval as E
+    # two-sided 95% critical values of Student's t (any table): df 1, 2, 4, 9, 30
+    for df, t in ((1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042)):
+        assert E.t_quantile(0.975, df) == pytest.approx(t, abs=1e-3)
+    assert E.t_cdf(0.0, 3) == pytest.approx(0.5) and E.t_cdf(2.0, 4) == pytest.approx(0.94194, abs=1e-5)
+    # diffs 1..5: mean 3, sd sqrt(2.5), se sqrt(0.5); half-width 2.776 * 0.7071; p from t = 4.243 at df 4
+    m, half, p = E.paired_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert m == 3 and half == pytest.approx(2.7764 * math.sqrt(0.5), abs=1e-3) and p == pytest.approx(0.01324, abs=2e-4)
+    assert E.paired_interval([0.5]) == (0.5, None, None)
+    assert E.paired_interval([0.1, -0.1])[2] == pytest.approx(1.0)
