@@ -155,7 +155,7 @@ def test_lora_grpo_run_keeps_one_model_resumes_and_loads(pipeline, monkeypatch, 
     assert "resuming from" in capsys.readouterr().out and unigrpo.load_state(str(run / "grpo"))["iter"] == 3
     kl = [row["kl"] for row in _rows(run, "grpo")]
     assert kl[0] == 0.0 and kl[2] > 0, kl  # the resumed adapters differ from the base they were reloaded on
-    with pytest.raises(SystemExit, match="trained with LoRA"):
+    with pytest.raises(SystemExit, match="was trained with --lora_rank=4"):
         unigrpo.main([a for a in args if not a.startswith("--lora_rank")] + ["--grpo_iters=4"])
     monkeypatch.undo()
     assert unigrpo.load_model(str(run / "grpo"), "cpu").lora is not None
