@@ -769,7 +769,7 @@ OFFICIAL = {
 def latest_checkpoint(out_dir):
     for name in ("grpo", "warmup"):
         path = os.path.join(out_dir, name)
-        if os.path.exists(os.path.join(path, "config.json")):
+        if unigrpo.is_checkpoint(path):  # full weights or LoRA adapters
             return path
     raise SystemExit(f"error: no checkpoint in {out_dir} (looked for grpo/ and warmup/); train one with "
                      f"python unigrpo.py --stage grpo --out_dir {out_dir}, or pass --checkpoint PATH")
@@ -980,7 +980,7 @@ def run_ablations(cfg, argv, n_seeds=3, only=""):
     print(f"[ablations] common start: prepared world and warm-up in {cfg.out_dir}")
     unigrpo.main([*argv, f"--out_dir={cfg.out_dir}", "--stage=warmup"])
     base = cfg.model or os.path.join(root, "base_model")  # an untrained start: the paper's "base model" row
-    if not cfg.model and not os.path.exists(os.path.join(base, "config.json")):
+    if not cfg.model and not unigrpo.is_checkpoint(base):
         tok, vq, _ = unigrpo.load_prepared(cfg)
         torch.manual_seed(cfg.seed)
         unigrpo.save_checkpoint(unigrpo.UnifiedModel(unigrpo.tiny_janus(tok, vq, cfg), tok), base, {"iter": 0})
@@ -1066,7 +1066,7 @@ def main(argv=None):
     results = {}
     for name in ("warmup", "grpo"):
         path = os.path.join(cfg.out_dir, name)
-        if os.path.exists(os.path.join(path, "config.json")):
+        if unigrpo.is_checkpoint(path):  # a LoRA GRPO run holds adapters, no config.json
             results[name] = evaluate_checkpoint(path, cfg)
             print(f"{name}: {json.dumps(results[name])}")
     if not results:
