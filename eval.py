@@ -961,8 +961,8 @@ def run_ablations(cfg, argv, n_seeds=3, only=""):
     keys = [a[0] for a in ABLATIONS]
     rows = [k.strip() for k in only.split(",") if k.strip()] or keys
     if [k for k in rows if k not in keys] or n_seeds < 1:
-        raise SystemExit(f"error: --rows takes a comma-separated subset of {', '.join(keys)} (got {only!r}) and "
-                         f"--seeds a positive number (got {n_seeds})")
+        unigrpo.fail(f"--rows takes a comma-separated subset of {', '.join(keys)} (got {only!r}) and "
+                     f"--seeds a positive number (got {n_seeds})")
     if cfg.kl_beta <= 0:
         raise SystemExit("error: the ablations need --kl_beta > 0 (the KL rows use it; the no-KL row sets 0 itself)")
     root = os.path.join(cfg.out_dir, "ablations")
@@ -1053,13 +1053,13 @@ def main(argv=None):
     cfg = unigrpo.get_config(rest)
     if args.benchmark or args.data_path:
         if args.benchmark not in BENCHMARKS:
-            raise SystemExit(f"error: {'unknown --benchmark ' + repr(args.benchmark) if args.benchmark else '--data_path needs --benchmark'}"
-                             f"; choose one of {', '.join(BENCHMARKS)}")
+            unigrpo.fail(f"{'unknown --benchmark ' + repr(args.benchmark) if args.benchmark else '--data_path needs --benchmark'}"
+                         f"; choose one of {', '.join(BENCHMARKS)}")
         if not args.data_path:
-            raise SystemExit(f"error: --benchmark {args.benchmark} needs --data_path DIR, the folder holding "
-                             f"{BENCHMARKS[args.benchmark][1]} and its images (or the JSON file itself)")
+            unigrpo.fail(f"--benchmark {args.benchmark} needs --data_path DIR, the folder holding "
+                         f"{BENCHMARKS[args.benchmark][1]} and its images (or the JSON file itself)")
         if args.ablations:
-            raise SystemExit("error: --ablations and --benchmark are separate runs; pass one of them")
+            unigrpo.fail("--ablations and --benchmark are separate runs; pass one of them")
         return run_benchmark(cfg, args.benchmark, args.data_path, args.checkpoint, args.limit, args.skip_bad)
     if args.ablations:
         return run_ablations(cfg, rest, args.seeds, args.rows)

@@ -907,6 +907,8 @@ def rl_prompts(cfg):
 def prepare(cfg):
     """Toy world: text tokenizer, VQ image tokenizer and the tiny CLIP for r_v, cached in out_dir/prepare."""
     root = os.path.join(cfg.out_dir, "prepare")
+    for name in ("tokenizer", "vq", "clip", "clip_weak"):
+        recover(os.path.join(root, name))  # a part whose save was killed between its renames is not redone
     if not os.path.exists(os.path.join(root, "tokenizer")):
         tok = data.build_text_tokenizer()
         atomic_dir(os.path.join(root, "tokenizer"), tok.save_pretrained)
