@@ -712,7 +712,7 @@ OFFICIAL = {
 def latest_checkpoint(out_dir):
     for name in ("grpo", "warmup"):
         path = os.path.join(out_dir, name)
-        if os.path.exists(os.path.join(path, "config.json")):
+        if unigrpo.is_checkpoint(path):  # full weights or LoRA adapters
             return path
     raise SystemExit(f"error: no checkpoint in {out_dir} (looked for grpo/ and warmup/); train one with "
                      f"python unigrpo.py --stage grpo --out_dir {out_dir}, or pass --checkpoint PATH")
@@ -935,8 +935,8 @@ def run_ablations(cfg, argv, n_seeds=3, only=""):
     keys = [a[0] for a in ABLATIONS]
     rows = [k.strip() for k in only.split(",") if k.strip()] or keys
     if [k for k in rows if k not in keys] or n_seeds < 1:
-        raise SystemExit(f"error: --rows takes a comma-separated subset of {', '.join(keys)} (got {only!r}) and "
-                         f"--seeds a positive number (got {n_seeds})")
+        unigrpo.fail(f"--rows takes a comma-separated subset of {', '.join(keys)} (got {only!r}) and "
+                     f"--seeds a positive number (got {n_seeds})")
     if cfg.kl_beta <= 0:
         raise SystemExit("error: the ablations need --kl_beta > 0 (the KL rows use it; the no-KL row sets 0 itself)")
     root = os.path.join(cfg.out_dir, "ablations")
@@ -954,7 +954,7 @@ def run_ablations(cfg, argv, n_seeds=3, only=""):
     print(f"[ablations] common start: the prepared world in {cfg.out_dir}; one warm-up per seed in {root}/warmup")
     unigrpo.main([*argv, f"--out_dir={cfg.out_dir}", "--stage=prepare"])
     base = cfg.model or os.path.join(root, "base_model")  # an untrained start: the paper's "base model" row
-    if not cfg.model and not os.path.exists(os.path.join(base, "config.json")):
+    if not cfg.model and not unigrpo.is_checkpoint(base):
         tok, vq, _ = unigrpo.load_prepared(cfg)
         torch.manual_seed(cfg.seed)
         unigrpo.save_checkpoint(unigrpo.UnifiedModel(unigrpo.tiny_janus(tok, vq, cfg), tok), base, {"iter": 0})
@@ -1031,20 +1031,20 @@ def main(argv=None):
     cfg = unigrpo.get_config(rest)
     if args.benchmark or args.data_path:
         if args.benchmark not in BENCHMARKS:
-            raise SystemExit(f"error: {'unknown --benchmark ' + repr(args.benchmark) if args.benchmark else '--data_path needs --benchmark'}"
-                             f"; choose one of {', '.join(BENCHMARKS)}")
+            unigrpo.fail(f"{'unknown --benchmark ' + repr(args.benchmark) if args.benchmark else '--data_path needs --benchmark'}"
+                         f"; choose one of {', '.join(BENCHMARKS)}")
         if not args.data_path:
-            raise SystemExit(f"error: --benchmark {args.benchmark} needs --data_path DIR, the folder holding "
-                             f"{BENCHMARKS[args.benchmark][1]} and its images (or the JSON file itself)")
+            unigrpo.fail(f"--benchmark {args.benchmark} needs --data_path DIR, the folder holding "
+                         f"{BENCHMARKS[args.benchmark][1]} and its images (or the JSON file itself)")
         if args.ablations:
-            raise SystemExit("error: --ablations and --benchmark are separate runs; pass one of them")
+            unigrpo.fail("--ablations and --benchmark are separate runs; pass one of them")
         return run_benchmark(cfg, args.benchmark, args.data_path, args.checkpoint, args.limit, args.skip_bad)
     if args.ablations:
         return run_ablations(cfg, rest, args.seeds, args.rows)
     results = {}
     for name in ("warmup", "grpo"):
         path = os.path.join(cfg.out_dir, name)
-        if os.path.exists(os.path.join(path, "config.json")):
+        if unigrpo.is_checkpoint(path):  # a LoRA GRPO run holds adapters, no config.json
             results[name] = evaluate_checkpoint(path, cfg)
             print(f"{name}: {json.dumps(results[name])}")
     if not results:

@@ -15,7 +15,7 @@ the warm-up model.
 Read top to bottom: config, model wrapper, interleaved sampler, log-probs, warm-up, GRPO maths,
 GRPO loop, prepare/checkpoints/storyboards, the --dry_run memory estimate, DDP, main.
 """
-import contextlib, datetime, difflib, importlib.util, json, math, os, random, shutil, sys, time
+import contextlib, datetime, difflib, importlib.util, json, math, os, random, shutil, sys, tempfile, time
 from ast import literal_eval
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -30,7 +30,7 @@ import rewards
 # -----------------------------------------------------------------------------
 # default config values (override from the command line: --key value or --key=value)
 # I/O
-stage = "grpo"            # prepare | warmup | grpo | eval; missing earlier stages run first
+stage = "grpo"            # prepare | warmup | grpo; missing earlier stages run first (evaluate: python eval.py)
 out_dir = "out"           # checkpoints, metrics.jsonl, storyboards
 seed = 1337
 device = "auto"           # auto = cuda if present, else cpu
@@ -110,36 +110,94 @@ def get_config(argv):
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise SystemExit(f"error: unexpected argument {arg!r}; use --key=value (keys: python unigrpo.py --help)")
+            fail(f"unexpected argument {arg!r}; use --key=value (keys: python unigrpo.py --help)")
         key, eq, val = arg[2:].partition("=")
         if key in ("help", "h"):
             print(__doc__ + "\nconfig keys and defaults:\n" + "\n".join(f"  --{k}={v!r}" for k, v in DEFAULTS.items()))
             raise SystemExit(0)
         if key not in DEFAULTS:
             close = difflib.get_close_matches(key, DEFAULTS, n=3)
-            raise SystemExit(f"error: unknown config key --{key}" + (f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""))
+            fail(f"unknown config key --{key}" + (f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""))
         if not eq:
             if isinstance(DEFAULTS[key], bool) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
                 val = "True"  # a bare boolean flag: --dry_run
             elif i + 1 < len(argv):
                 i, val = i + 1, argv[i + 1]
             else:
-                raise SystemExit(f"error: --{key} needs a value")
+                fail(f"--{key} needs a value")
         seen[key] = _coerce(key, val)
         i += 1
     name = seen.get("preset", DEFAULTS["preset"])
-    if name and name not in PRESETS:
-        raise SystemExit(f"error: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    if name not in ("", *PRESETS):
+        fail(f"--preset={name!r} is unknown; choose one of {', '.join(PRESETS)}, or leave it out for the toy world")
     cfg = {**DEFAULTS, **PRESETS.get(name, {}), **seen}  # explicit flags win over the preset
-    for key, choices in (("stage", ("prepare", "warmup", "grpo", "eval")), ("loss_type", ("sequence", "token"))):
-        if cfg[key] not in choices:
-            raise SystemExit(f"error: --{key} must be one of {', '.join(choices)}, not {cfg[key]!r}")
-    if cfg["group_size"] < 2:
-        raise SystemExit("error: --group_size must be at least 2 (advantages are relative to the group)")
-    for key in ("lora_rank", "lora_alpha", "cfg_scale"):
-        if cfg[key] < 0:
-            raise SystemExit(f"error: --{key} must be >= 0, not {cfg[key]} (--lora_rank=0 and --cfg_scale=1 turn them off)")
+    validate(cfg)
     return SimpleNamespace(**cfg)
+
+
+def fail(msg):
+    """A usage error: the message on stderr, exit status 2, no traceback (str() of it is the message, for tests)."""
+    print(f"error: {msg}", file=sys.stderr)
+    e = SystemExit(f"error: {msg}")
+    e.code = 2
+    raise e
+
+
+_GE0, _GE1, _POS = (lambda v: v >= 0, "at least 0"), (lambda v: v >= 1, "at least 1"), (lambda v: v > 0, "> 0")
+RANGES = dict(  # every numeric key: a bad value fails here, not minutes later as a NaN or a crash
+    seed=_GE0, log_interval=_GE1, ckpt_interval=_GE1, storyboard_interval=_GE1, n_layer=_GE1, n_embd=_GE1, n_head=_GE1,
+    image_size=_GE1, patch_size=_GE1, codebook_size=(lambda v: v >= 2, "at least 2"), lora_rank=_GE0, lora_alpha=_POS,
+    vq_steps=_GE1, clip_steps=_GE1, warmup_iters=_GE1, warmup_batch_size=_GE1, warmup_lr=_POS, n_understanding=_GE1,
+    interleaved_ratio=_GE0, temperature=_POS, cfg_scale=_GE0, max_new_tokens=_GE1, max_text_tokens=_GE1, max_images=_GE0,
+    grpo_iters=_GE1, prompts_per_step=_GE1, group_size=(lambda v: v >= 2, "at least 2 (advantages are relative to the group)"),
+    lr=_POS, inner_epochs=_GE1, clip_eps=_POS, kl_beta=(lambda v: v >= 0, "at least 0 (0 = no KL term)"), grad_clip=_POS,
+    eval_prompts=_GE1, cpu_threads=(lambda v: v >= 0, "at least 0 (0 = torch's default)"))
+CHOICES = dict(stage=("prepare", "warmup", "grpo"), loss_type=("sequence", "token"), dtype=("float32", "bfloat16"))
+
+
+def validate(cfg):
+    """Every config value checked when the command line is parsed, before any stage runs."""
+    bad = lambda k, need: fail(f"--{k}={cfg[k]!r} is invalid: {need}")
+    if cfg["stage"] == "eval":
+        bad("stage", f"evaluation is its own command: python eval.py --out_dir {cfg['out_dir']} (it takes the same flags)")
+    for k, choices in CHOICES.items():
+        if cfg[k] not in choices:
+            bad(k, f"choose one of {', '.join(choices)} (default {DEFAULTS[k]!r})")
+    for k, (ok, need) in RANGES.items():
+        if isinstance(cfg[k], float) and not math.isfinite(cfg[k]):
+            bad(k, f"must be a finite number (default {DEFAULTS[k]!r})")
+        if not ok(cfg[k]):
+            bad(k, f"must be {need} (default {DEFAULTS[k]!r})")
+    if cfg["n_embd"] % cfg["n_head"]:
+        bad("n_embd", f"must be a multiple of --n_head={cfg['n_head']} (e.g. {cfg['n_head'] * 32})")
+    p = cfg["patch_size"]
+    if not cfg["model"] and (p & (p - 1) or cfg["image_size"] % p):  # the toy VQ halves the resolution per level
+        bad("patch_size", f"must be a power of 2 dividing --image_size={cfg['image_size']} (default {DEFAULTS['patch_size']})")
+    dev = cfg["device"]
+    if dev not in ("auto", "cpu", "mps") and not (dev == "cuda" or dev.startswith("cuda:") and dev[5:].isdigit()):
+        bad("device", "choose auto, cpu, cuda, cuda:N or mps")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        bad("device", "no CUDA device is visible here; use --device=cpu or --device=auto")
+    v = cfg["visual_scorer"]
+    if v not in ("clip", "clip_weak", "imagereward") and not (v.startswith("openclip:") and v[len("openclip:"):].strip("/")):
+        bad("visual_scorer", "choose clip, clip_weak, openclip:ARCH/PRETRAINED (e.g. openclip:ViT-L-14/openai) or imagereward")
+    if cfg["model"] and looks_local(cfg["model"]) and not is_checkpoint(os.path.expanduser(cfg["model"])):
+        bad("model", f"no Janus checkpoint at {cfg['model']!r} (a folder with config.json from save_pretrained); "
+                     "pass an existing folder, an HF id such as deepseek-community/Janus-Pro-1B, or \"\" for the toy model")
+    if cfg["text_critic"] != "toy" and looks_local(cfg["text_critic"]) and not os.path.isdir(os.path.expanduser(cfg["text_critic"])):
+        bad("text_critic", "no such folder; pass toy, an HF id of a VLM critic or an existing folder")
+    w = cfg["warmup_data"]
+    if w and not (os.path.isfile(w) and os.access(w, os.R_OK)):
+        bad("warmup_data", "no such readable file; pass a JSONL file (format: data.py) or \"\" for the toy world mix")
+    if not cfg["out_dir"]:
+        bad("out_dir", "pass the folder for checkpoints and metrics (default 'out')")
+    there = os.path.abspath(cfg["out_dir"])
+    while not os.path.exists(there):  # the nearest existing folder is where out_dir would be created
+        there = os.path.dirname(there)
+    try:  # a real write (os.access says yes to root everywhere); the probe file is gone at once
+        tempfile.TemporaryFile(dir=there).close()
+    except OSError as err:
+        bad("out_dir", f"cannot write in {there} ({err.strerror}); pass a folder you can write to")
 
 
 def _coerce(key, val):
@@ -149,7 +207,7 @@ def _coerce(key, val):
     if want is bool:
         flag = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
         if val.lower() not in flag:
-            raise SystemExit(f"error: --{key} expects a boolean (true/false), got {val!r}")
+            fail(f"--{key} expects a boolean (true/false), got {val!r}")
         return flag[val.lower()]
     try:
         parsed = literal_eval(val)
@@ -158,7 +216,7 @@ def _coerce(key, val):
     if want is float and type(parsed) is int:
         parsed = float(parsed)
     if type(parsed) is not want:
-        raise SystemExit(f"error: --{key} expects {want.__name__} (default {DEFAULTS[key]!r}), got {val!r}")
+        fail(f"--{key} expects {want.__name__} (default {DEFAULTS[key]!r}), got {val!r}")
     return parsed
 
 
@@ -286,6 +344,11 @@ def tiny_janus(tokenizer, vq, cfg):
     return janus
 
 
+def looks_local(path):
+    """A folder path rather than a hub id ("org/name"): it must then exist."""
+    return path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") != 1
+
+
 def load_model(path, device, dtype=torch.float32, lora_rank=None, lora_alpha=16, four_bit=None):
     """Any Janus folder saved by save_pretrained (ours or a hub id) with its tokenizer, or a LoRA checkpoint
     of ours (adapter_config.json: adapters over the base it names). lora_rank=None keeps a checkpoint's
@@ -294,10 +357,9 @@ def load_model(path, device, dtype=torch.float32, lora_rank=None, lora_alpha=16,
     from transformers import AutoTokenizer, JanusForConditionalGeneration
     path = os.path.expanduser(path)
     is_lora = os.path.exists(os.path.join(path, "adapter_config.json"))
-    looks_local = path.startswith((".", "/")) or os.path.exists(path) or path.count("/") != 1
-    if looks_local and not (is_lora or os.path.exists(os.path.join(path, "config.json"))):
-        raise SystemExit(f"error: no Janus checkpoint at {path!r} (a folder with config.json from save_pretrained); "
-                         "run the earlier stage, or pass --model an HF id such as deepseek-community/Janus-Pro-1B")
+    if looks_local(path) and not is_checkpoint(path):
+        fail(f"no Janus checkpoint at {path!r} (a folder with config.json from save_pretrained); "
+             "run the earlier stage, or pass --model an HF id such as deepseek-community/Janus-Pro-1B")
     if four_bit is None:  # QLoRA: the frozen base under adapters in 4 bits, only where bitsandbytes and a GPU are
         four_bit = bool(lora_rank or (lora_rank is None and is_lora)) and str(device).startswith("cuda") \
             and importlib.util.find_spec("bitsandbytes") is not None
@@ -585,13 +647,25 @@ def warmup_lr_at(cfg, it):
     return cfg.warmup_lr * min(1.0, (it + 1) / 50) * 0.5 * (1 + math.cos(math.pi * it / cfg.warmup_iters))
 
 
-def warmup(cfg, log):
-    """Plain next-token NLL over text and image tokens alike (stage 1)."""
+def warmup_examples(cfg):
+    """The warm-up mix: the records of --warmup_data (a bad line fails naming file and line) or the toy world's."""
+    if not cfg.warmup_data:
+        return data.warmup_mix(cfg.n_understanding, seed=cfg.seed, ratio=(cfg.interleaved_ratio, 1.0, 1.0), image_size=cfg.image_size)
+    try:
+        return data.load_jsonl(cfg.warmup_data)
+    except ValueError as err:
+        fail(f"--warmup_data: {err}")
+
+
+def warmup(cfg, log, mix=None):
+    """Plain next-token NLL over text and image tokens alike (stage 1); `mix`: warmup_examples(cfg), if read already."""
     dev, ckpt = resolve_device(cfg), os.path.join(cfg.out_dir, "warmup")
     state = load_state(ckpt)
     if state and state["iter"] >= cfg.warmup_iters:
         print(f"warm-up: complete checkpoint found in {ckpt}")
         return
+    if state:
+        check_resume(cfg, state, "warmup", ckpt)  # before any model is loaded
     torch.manual_seed(cfg.seed)
     # float32 master weights (bf16 autocast computes): a bf16 weight would swallow small updates
     if state:
@@ -606,13 +680,13 @@ def warmup(cfg, log):
             print("warm-up: the toy model trains from scratch, so all of it trains; --lora_rank applies from GRPO on")
     broadcast_from_master(model)
     model = for_training(model, cfg)
-    mix = data.load_jsonl(cfg.warmup_data) if cfg.warmup_data else data.warmup_mix(
-        cfg.n_understanding, seed=cfg.seed, ratio=(cfg.interleaved_ratio, 1.0, 1.0), image_size=cfg.image_size)
+    mix = mix or warmup_examples(cfg)
     answers = [model.encode_answer(e.answer) for e in tqdm(mix, desc="encode warm-up answers", disable=None)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.warmup_lr, weight_decay=0.0)
-    start = resume(opt, state)
-    rng = random.Random(cfg.seed + start)
+    rng = random.Random(cfg.seed)  # the batch sampler; a resumed run goes on with its saved state
+    start = resume(opt, state, rng)
+    trim_metrics(cfg, "warmup", start)
     model.train()
     for it in tqdm(range(start, cfg.warmup_iters), desc="warm-up", initial=start, total=cfg.warmup_iters, disable=None if rank() == 0 else True):
         lr_it = warmup_lr_at(cfg, it)
@@ -626,7 +700,7 @@ def warmup(cfg, log):
                        loss_image=st["nll_image"] / max(st["n_image"], 1), grad_norm=gn.item(), lr=lr_it, sec=time.time() - t0)
             log(dict(stage="warmup", iter=it, **mean_over_ranks(row, dict(loss_text=st["n_text"], loss_image=st["n_image"]))))
         if (it + 1) % cfg.ckpt_interval == 0 or it + 1 == cfg.warmup_iters:
-            save_checkpoint(model, ckpt, trainer_state(opt, it + 1))
+            save_checkpoint(model, ckpt, trainer_state(opt, it + 1, rng, cfg))
     model.eval()
     write_storyboard(model, cfg, "warmup", cfg.warmup_iters)
 
@@ -699,7 +773,7 @@ def build_scorers(cfg, tokenizer, dev):
     elif name == "imagereward":
         scorer = rewards.ImageRewardScorer(dev)
     else:
-        raise SystemExit(f"error: unknown --visual_scorer {name!r}; use clip, clip_weak, openclip:ARCH/PRETRAINED or imagereward")
+        fail(f"unknown --visual_scorer {name!r}; use clip, clip_weak, openclip:ARCH/PRETRAINED or imagereward")
     return critic, scorer
 
 
@@ -728,6 +802,8 @@ def grpo(cfg, log):
     if state and state["iter"] >= cfg.grpo_iters:
         print(f"grpo: complete checkpoint found in {ckpt}")
         return
+    if state:
+        check_resume(cfg, state, "grpo", ckpt)  # before any model is loaded
     torch.manual_seed(cfg.seed)
     # float32 master weights under bf16 autocast; with LoRA only the adapters train, so the base may be in --dtype
     dtype = getattr(torch, cfg.dtype)
@@ -736,16 +812,18 @@ def grpo(cfg, log):
     policy = for_training(policy, cfg)
     lora = getattr(policy, "lora", None) is not None
     if state and lora != (cfg.lora_rank > 0):
-        raise SystemExit(f"error: {ckpt} was trained {'with' if lora else 'without'} LoRA; "
-                         "resume with the same --lora_rank or use a new --out_dir")
+        fail(f"{ckpt} was trained {'with' if lora else 'without'} LoRA; resume with the same --lora_rank or use a new --out_dir")
     # the reference: with LoRA the policy's own base (adapters off), else a copy in --dtype; none if kl_beta = 0
     ref = None if cfg.kl_beta <= 0 else policy if lora else load_model(init, dev, dtype, 0).requires_grad_(False)
     critic, scorer = build_scorers(cfg, policy.tokenizer, dev)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    start = resume(opt, state)
+    prompts_pool, rng = rl_prompts(cfg), random.Random(cfg.seed + 1000)  # the prompt sampler, saved in checkpoints
+    start = resume(opt, state, rng)
+    for g in opt.param_groups:  # --lr wins over the lr saved with AdamW's state (check_resume said so if it changed)
+        g["lr"] = cfg.lr
     if state:
         print(f"grpo: resuming from {ckpt} at iter {start}")
-    prompts_pool, rng = rl_prompts(cfg), random.Random(cfg.seed + 1000 + start)
+    trim_metrics(cfg, "grpo", start)
     score_fn = lambda ro, group: score_rollout(policy, ro, group, critic, scorer, cfg)
     k = cfg.prompts_per_step // world_size()
     mine = range(rank() * k, (rank() + 1) * k)  # this rank's prompts of the global batch
@@ -762,7 +840,7 @@ def grpo(cfg, log):
         if it % cfg.log_interval == 0 or it + 1 == cfg.grpo_iters:
             log({"stage": "grpo", "iter": it, **metrics})
         if (it + 1) % cfg.ckpt_interval == 0 or it + 1 == cfg.grpo_iters:
-            save_checkpoint(policy, ckpt, trainer_state(opt, it + 1))
+            save_checkpoint(policy, ckpt, trainer_state(opt, it + 1, rng, cfg))
         if (it + 1) % cfg.storyboard_interval == 0 or it + 1 == cfg.grpo_iters:
             write_storyboard(policy, cfg, "grpo", it + 1)
     if cfg.eval_interval and start < cfg.grpo_iters:
@@ -899,6 +977,8 @@ def rl_prompts(cfg):
 def prepare(cfg):
     """Toy world: text tokenizer, VQ image tokenizer and the tiny CLIP for r_v, cached in out_dir/prepare."""
     root = os.path.join(cfg.out_dir, "prepare")
+    for name in ("tokenizer", "vq", "clip", "clip_weak"):
+        recover(os.path.join(root, name))  # a part whose save was killed between its renames is not redone
     if not os.path.exists(os.path.join(root, "tokenizer")):
         tok = data.build_text_tokenizer()
         atomic_dir(os.path.join(root, "tokenizer"), tok.save_pretrained)
@@ -933,16 +1013,52 @@ def load_prepared(cfg):
 
 
 def atomic_dir(path, write):
-    """Write a folder atomically: into a temp folder, then rename over the old one, so a killed run
-    never leaves a half-written checkpoint (at worst path.old, which load_state recovers)."""
+    """Write a folder crash-safely: into path.tmp, fsynced, then renamed over path. A kill at any point
+    leaves path whole (old or new) or, between the two renames, path.old, which recover() puts back."""
     tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
+    recover(path)  # a kill of the last save may have left path.old or path.tmp behind
     os.makedirs(tmp)
-    write(tmp)
+    try:
+        write(tmp)
+        _fsync_tree(tmp)  # the data is on disk before a rename makes it the checkpoint
+    except Exception:  # a failed write (disk full): the previous checkpoint stays as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.exists(path):
         os.replace(path, old)
     os.replace(tmp, path)
+    _fsync(os.path.dirname(os.path.abspath(path)))  # the renames themselves survive a power cut
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(path):
+    """Undo a killed atomic_dir: path.old back if path is missing, leftover path.tmp / path.old removed."""
+    if not os.path.exists(path) and os.path.exists(path + ".old"):
+        with contextlib.suppress(FileNotFoundError):  # another rank may have done it first
+            os.replace(path + ".old", path)
+    for leftover in (path + ".tmp", path + ".old"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root):
+    for d, _, files in os.walk(root):
+        for f in files:
+            _fsync(os.path.join(d, f))
+        _fsync(d)
+
+
+def is_checkpoint(path):
+    """The one test of "a model checkpoint is here", full weights (config.json) or LoRA adapters
+    (adapter_config.json): stage skipping, eval.py, --benchmark, the probes and bench all ask this."""
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "adapter_config.json"))
 
 
 def save_checkpoint(model, path, state):
@@ -965,24 +1081,80 @@ def save_checkpoint(model, path, state):
     barrier()
 
 
-def trainer_state(opt, it):
-    """What a run needs to resume besides the weights: the iteration, AdamW's moments, torch's RNG."""
-    return dict(iter=it, optimizer=opt.state_dict(), rng=torch.get_rng_state())
+def trainer_state(opt, it, sampler, cfg):
+    """What a run needs to resume as if never stopped, besides the weights: the iteration, AdamW's moments,
+    the prompt sampler's and torch's RNG, and the config that shaped it (checked on resume)."""
+    return dict(iter=it, optimizer=opt.state_dict(), rng=torch.get_rng_state(), sampler=sampler.getstate(),
+                cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None, config=vars(cfg))
 
 
-def resume(opt, state):
-    """Restore a trainer_state into the optimizer and torch's RNG; the iteration to go on from (0: none)."""
+# how a run is driven or logged, not what it computes: free to change on resume
+RESUME_FREE = {"out_dir", "stage", "dry_run", "preset", "log_interval", "ckpt_interval", "storyboard_interval", "eval_prompts",
+               "device", "cpu_threads", "grad_checkpointing"}
+RESUME_NOTED = {"lr", "warmup_lr", "grpo_iters", "warmup_iters"}  # accepted with a note: they apply from the resume point
+ONLY_BEFORE_GRPO = {"model", "vq_steps", "clip_steps", "warmup_iters", "warmup_batch_size", "warmup_lr", "n_understanding",
+                    "interleaved_ratio", "warmup_data"}  # shaped the prepared world and the warm-up, done by now
+ONLY_GRPO = {"temperature", "cfg_scale", "max_new_tokens", "max_text_tokens", "max_images", "grpo_iters", "prompts_per_step",
+             "group_size", "lr", "inner_epochs", "clip_eps", "kl_beta", "loss_type", "use_format_reward", "use_text_reward",
+             "use_visual_reward", "process_reward", "visual_scorer", "text_critic"}
+
+
+def check_resume(cfg, state, stage, path):
+    """A resumed run is the run that was stopped: a changed flag that shapes it is refused, by name."""
+    saved = state.get("config")
+    if saved is None:
+        return print(f"{stage}: {path} records no config (an older checkpoint); resuming without checking the flags")
+    skip = RESUME_FREE | (ONLY_BEFORE_GRPO if stage == "grpo" else ONLY_GRPO)
+    changed = [k for k in DEFAULTS if k not in skip and k in saved and saved[k] != getattr(cfg, k)]
+    refused = [k for k in changed if k not in RESUME_NOTED]
+    if refused:
+        fail(f"{path} (iter {state['iter']}) was trained with " + ", ".join(f"--{k}={saved[k]!r}" for k in refused)
+             + "; this run has " + ", ".join(f"--{k}={getattr(cfg, k)!r}" for k in refused)
+             + ". Resume it with the same values, or start another run with a new --out_dir")
+    for k in changed:
+        print(f"{stage}: --{k}={getattr(cfg, k)!r} (the checkpoint's run had {saved[k]!r}): applies from iter {state['iter']} on")
+
+
+def resume(opt, state, sampler):
+    """Restore a trainer_state into the optimizer, torch's RNG and the prompt sampler; the iteration to go on from."""
     if not state:
         return 0
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if "sampler" in state:
+        sampler.setstate(state["sampler"])
+    else:
+        print("resume: an older checkpoint without the prompt sampler's state; the prompt stream starts again")
     return state["iter"]
 
 
+def trim_metrics(cfg, stage, start):
+    """Drop the metrics rows of `stage` at iter >= start (written after the checkpoint by a killed run, and
+    logged again now) and a torn last line, so metrics.jsonl holds one row per iteration."""
+    path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if rank() > 0 or not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        with contextlib.suppress(json.JSONDecodeError):  # a torn line: the kill came mid-write
+            row = json.loads(line)
+            if not (row.get("stage") == stage and row.get("iter", -1) >= start):
+                keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) < len(lines):
+        print(f"{stage}: dropped {len(lines) - len(keep)} metrics row(s) past iter {start} from {path}; they are logged again")
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+
+
 def load_state(path):
-    if not os.path.exists(path) and os.path.exists(path + ".old"):
-        with contextlib.suppress(FileNotFoundError):  # another rank may have done it first
-            os.replace(path + ".old", path)  # a crash between the two renames of atomic_dir
+    recover(path)
     f = os.path.join(path, "trainer_state.pt")
     return torch.load(f, weights_only=False) if os.path.exists(f) else None
 
@@ -1203,8 +1375,9 @@ def finished(cfg, name):
     if name == "prepare":
         return bool(cfg.model) or all(os.path.exists(os.path.join(cfg.out_dir, "prepare", p))
                                       for p in ("tokenizer", "vq", "clip", "clip_weak"))  # a killed prepare resumes
-    state = load_state(os.path.join(cfg.out_dir, name))
-    return bool(state) and state["iter"] >= (cfg.warmup_iters if name == "warmup" else cfg.grpo_iters)
+    path = os.path.join(cfg.out_dir, name)
+    state = load_state(path)
+    return bool(state) and is_checkpoint(path) and state["iter"] >= (cfg.warmup_iters if name == "warmup" else cfg.grpo_iters)
 
 
 def main(argv=None):
@@ -1219,10 +1392,12 @@ def main(argv=None):
     if resolve_device(cfg) == "cpu" and cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
     order = ["prepare", "warmup", "grpo"]
-    todo = order[: order.index(cfg.stage) + 1] if cfg.stage in order else order
+    todo = order[: order.index(cfg.stage) + 1]
     if "grpo" in todo and cfg.prompts_per_step % world_size():  # before any work
-        raise SystemExit(f"error: --prompts_per_step={cfg.prompts_per_step} must be divisible by the number of processes "
-                         f"({world_size()}): each rank samples whole groups; change it or --nproc_per_node")
+        fail(f"--prompts_per_step={cfg.prompts_per_step} must be divisible by the number of processes "
+             f"({world_size()}): each rank samples whole groups; change it or --nproc_per_node")
+    # real warm-up data is read before any stage runs: a bad line costs seconds, not a prepare stage
+    mix = warmup_examples(cfg) if cfg.warmup_data and "warmup" in todo and not finished(cfg, "warmup") else None
     log = make_logger(cfg)
     for name in todo:
         skip = name != cfg.stage and finished(cfg, name)
@@ -1236,12 +1411,9 @@ def main(argv=None):
                 prepare(cfg)  # once, on the master; the other ranks wait, then load what it wrote
             barrier()
         elif name == "warmup":
-            warmup(cfg, log)
+            warmup(cfg, log, mix)
         else:
             grpo(cfg, log)
-    if cfg.stage == "eval" and rank() == 0:
-        import eval as evaluation  # eval.py imports this file; importing it here at run time keeps that one-way
-        evaluation.main(["--out_dir", cfg.out_dir])
     if ddp:
         torch.distributed.destroy_process_group()
     return cfg

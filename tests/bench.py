@@ -422,7 +422,7 @@ def main(argv=None):
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda but torch.cuda.is_available() is False; use --device cpu")
-    if args.out_dir and not os.path.exists(os.path.join(args.out_dir, "grpo", "config.json")):
+    if args.out_dir and not unigrpo.is_checkpoint(os.path.join(args.out_dir, "grpo")):
         raise SystemExit(f"bench: no finished GRPO checkpoint in {args.out_dir}/grpo; run `python unigrpo.py --stage grpo "
                          f"--out_dir {args.out_dir}` first, or drop --out_dir")
     repeats = args.repeats or (1 if args.quick else 5)

@@ -44,7 +44,7 @@ def main():
     torch.set_num_threads(1)
     cfg = unigrpo.get_config([f"--out_dir={args.out_dir}"])
     path = args.checkpoint or os.path.join(args.out_dir, "warmup")
-    if not os.path.exists(os.path.join(path, "config.json")):
+    if not unigrpo.is_checkpoint(path):
         raise SystemExit(f"error: no checkpoint in {path}; run python unigrpo.py --stage warmup --out_dir {args.out_dir}")
     model = unigrpo.load_model(path, unigrpo.resolve_device(cfg)).eval()
     g = torch.Generator(device=model.device).manual_seed(cfg.seed)

@@ -78,7 +78,7 @@ def main():
     torch.set_num_threads(1)
     torch.manual_seed(a.seed)
     cfg = unigrpo.get_config([f"--out_dir={a.out_dir}", f"--seed={a.seed}", f"--warmup_lr={a.lr}", f"--warmup_iters={a.iters}"])
-    if not os.path.exists(os.path.join(a.out_dir, "prepare", "vq", "config.json")):
+    if not unigrpo.is_checkpoint(os.path.join(a.out_dir, "prepare", "vq")):
         raise SystemExit(f"error: no prepared world in {a.out_dir}; run python unigrpo.py --stage prepare --out_dir {a.out_dir}")
     tok, vq, _ = unigrpo.load_prepared(cfg)
     model = unigrpo.UnifiedModel(unigrpo.tiny_janus(tok, vq, cfg), tok)

@@ -500,3 +500,22 @@ def test_load_jsonl_unreadable_image(jsonl_dir):
     path = _write(jsonl_dir, [{"task": "t2i", "prompt": [], "answer": [{"image": "imgs/broken.png"}]}])
     with pytest.raises(ValueError, match=r"data.jsonl:1: cannot read image"):
         data.load_jsonl(path)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ('{"task": "t2i", "prompt": [', "invalid JSON"),
+    ({"task": "t2i", "prompt": []}, 'missing key "answer"'),
+    ({"task": "t2i", "prompt": [{"text": 5}], "answer": [{"text": "x"}]}, "prompt[0].text must be a string"),
+    ({"task": "t2i", "prompt": [], "answer": [{"image": "imgs/missing.png"}]}, "image file not found"),
+    ({"task": "t2i", "prompt": [], "answer": [{"image": "imgs/broken.png"}]}, "cannot read image"),
+])
+def test_bad_warmup_data_line_stops_the_cli_before_any_stage(jsonl_dir, bad, message, capsys):
+    """python unigrpo.py --warmup_data BAD: the file and line on stderr, status 2, before prepare runs."""
+    import unigrpo
+    (jsonl_dir / "imgs" / "broken.png").write_bytes(b"not a png")
+    path = _write(jsonl_dir, [GOOD, GOOD, bad])
+    with pytest.raises(SystemExit) as err:
+        unigrpo.main([f"--warmup_data={path}", f"--out_dir={jsonl_dir / 'run'}", "--stage=warmup"])
+    out = capsys.readouterr()
+    assert err.value.code == 2 and out.err.startswith(f"error: --warmup_data: {path}:3: ") and message in out.err, out.err
+    assert "Traceback" not in out.err and not (jsonl_dir / "run" / "prepare").exists()

@@ -1,9 +1,12 @@
 """Training behaviour on fixed seeds: warm-up lowers the loss, GRPO raises the reward, the stages
 run end to end from an empty out_dir, a stopped run resumes, kl_beta=0 loads no reference."""
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -155,7 +158,88 @@ def test_lora_grpo_run_keeps_one_model_resumes_and_loads(pipeline, monkeypatch, 
     assert "resuming from" in capsys.readouterr().out and unigrpo.load_state(str(run / "grpo"))["iter"] == 3
     kl = [row["kl"] for row in _rows(run, "grpo")]
     assert kl[0] == 0.0 and kl[2] > 0, kl  # the resumed adapters differ from the base they were reloaded on
-    with pytest.raises(SystemExit, match="trained with LoRA"):
+    with pytest.raises(SystemExit, match="was trained with --lora_rank=4"):
         unigrpo.main([a for a in args if not a.startswith("--lora_rank")] + ["--grpo_iters=4"])
     monkeypatch.undo()
     assert unigrpo.load_model(str(run / "grpo"), "cpu").lora is not None
+    # eval.py lists the adapters-only checkpoint (no config.json) and --benchmark picks it as the latest stage
+    import eval as E
+    assert set(E.main([f"--out_dir={run}", "--eval_prompts=4", "--max_new_tokens=40"])) == {"warmup", "grpo"}
+    bench = E.main(["--benchmark=mmie", f"--data_path={os.path.join(ROOT, 'tests', 'fixtures', 'mmie')}", f"--out_dir={run}",
+                    "--limit=1", "--max_new_tokens=40"])
+    assert bench["checkpoint"] == str(run / "grpo"), bench["checkpoint"]
+
+
+def _rows_so_far(out, stage):
+    """metrics.jsonl of a run in progress: a torn last line is not a row yet."""
+    rows = []
+    with contextlib.suppress(FileNotFoundError), open(os.path.join(out, "metrics.jsonl")) as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
+    return [row for row in rows if row["stage"] == stage]
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def _killed_resumed_and_uninterrupted(run, ref, stage, args, every, total):
+    """SIGKILL `python unigrpo.py ARGS` in run/ once it has logged a row past its first checkpoint (so between
+    two checkpoints), resume it with the same command, run it uninterrupted in ref/; both stage checkpoints."""
+    cmd = [sys.executable, os.path.join(ROOT, "unigrpo.py"), f"--stage={stage}", *args]
+    p = subprocess.Popen(cmd + [f"--out_dir={run}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while p.poll() is None and not any(row["iter"] >= every for row in _rows_so_far(run, stage)):
+        time.sleep(0.01)
+    p.kill()
+    assert p.wait() == -signal.SIGKILL, p.stderr.read().decode()[-3000:]
+    at = unigrpo.load_state(os.path.join(run, stage))["iter"]
+    logged = [row["iter"] for row in _rows_so_far(run, stage)]
+    assert at % every == 0 and 0 < at < total and max(logged) >= at, (at, logged)  # rows a resume must drop
+    r = subprocess.run(cmd + [f"--out_dir={run}"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at iter {at}" in r.stdout and "metrics row(s) past iter" in r.stdout, r.stdout
+    unigrpo.main([f"--stage={stage}", *args, f"--out_dir={ref}"])
+    assert [row["iter"] for row in _rows(run, stage)] == list(range(total))  # one row per iteration
+    assert [row["loss"] for row in _rows(run, stage)] == pytest.approx([row["loss"] for row in _rows(ref, stage)], abs=1e-5)
+    a, b = _weights(os.path.join(run, stage)), _weights(os.path.join(ref, stage))
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"{stage}: killed at iter {max(logged)} (checkpoint {at}), resumed: max |weight difference| {diff:.2e}, "
+          f"{len(_rows(run, stage))} rows for {total} iterations")
+    assert a.keys() == b.keys() and diff < 1e-5, diff
+
+
+def test_killed_grpo_run_resumes_to_the_uninterrupted_result(pipeline, monkeypatch, tmp_path):
+    """A real SIGKILL between two GRPO checkpoints; the resumed run ends where an uninterrupted one does."""
+    run, ref = tmp_path / "killed", tmp_path / "whole"
+    _warmed_up_copy(pipeline, run, monkeypatch), _warmed_up_copy(pipeline, ref, monkeypatch)
+    args = ["--warmup_iters=40", "--grpo_iters=6", "--ckpt_interval=2", "--prompts_per_step=2", "--group_size=2",
+            "--max_new_tokens=40", "--storyboard_interval=100"]
+    _killed_resumed_and_uninterrupted(run, ref, "grpo", args, every=2, total=6)
+
+
+def test_killed_warmup_resumes_to_the_uninterrupted_result(pipeline, tmp_path):
+    import shutil
+    run, ref = tmp_path / "killed", tmp_path / "whole"
+    for d in (run, ref):
+        shutil.copytree(os.path.join(pipeline[0], "prepare"), d / "prepare")
+    args = ["--warmup_iters=12", "--ckpt_interval=4", "--warmup_batch_size=8", "--n_understanding=40", "--warmup_lr=3e-3",
+            "--max_new_tokens=40"]
+    _killed_resumed_and_uninterrupted(run, ref, "warmup", args, every=4, total=12)
+
+
+def test_resume_refuses_a_changed_flag_and_notes_a_safe_one(pipeline, capsys):
+    out, args, _ = pipeline
+    grpo_args = [a for a in args if not a.startswith("--grpo_iters")]
+    with pytest.raises(SystemExit) as err:
+        unigrpo.main(["--stage=grpo", *grpo_args, "--grpo_iters=9", "--kl_beta=0.5", "--group_size=3"])
+    assert err.value.code == 2
+    msg = capsys.readouterr().err
+    assert "--group_size=2, --kl_beta=0.04" in msg and "--group_size=3, --kl_beta=0.5" in msg and "new --out_dir" in msg, msg
+    state = unigrpo.load_state(os.path.join(out, "grpo"))
+    cfg = unigrpo.get_config([*grpo_args, "--grpo_iters=9", "--lr=1e-4", "--log_interval=5"])
+    unigrpo.check_resume(cfg, state, "grpo", "ck")
+    printed = capsys.readouterr().out
+    assert "--lr=0.0001 (the checkpoint's run had 3e-05): applies from iter" in printed and "--grpo_iters=9" in printed
+    assert "log_interval" not in printed

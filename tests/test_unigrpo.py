@@ -151,12 +151,68 @@ def test_checkpoint_round_trip_identical_logits(tiny, tmp_path):
     assert not (tmp_path / "ck.tmp").exists() and not (tmp_path / "ck.old").exists()
 
 
+class Killed(BaseException):
+    """A simulated SIGKILL: a BaseException, so atomic_dir's cleanup for ordinary errors does not run."""
+
+
+def _save(path, it):
+    unigrpo.atomic_dir(path, lambda d: torch.save(dict(iter=it), os.path.join(d, "trainer_state.pt")))
+
+
+# every step of atomic_dir that touches the disk, and which checkpoint a kill just before it leaves
+KILL_POINTS = [("makedirs", 0, 5), ("save", 0, 5), ("fsync", 0, 5), ("replace", 0, 5), ("replace", 1, 5),
+               ("fsync", 2, 6), ("rmtree", 2, 6)]  # fsync 2: the parent folder, after both renames; rmtree 2: path.old
+
+
+@pytest.mark.parametrize("step, nth, survives", KILL_POINTS)
+def test_atomic_dir_survives_a_kill_at_every_point(tmp_path, monkeypatch, step, nth, survives):
+    """Killed at each write, fsync, rename and removal, a checkpoint is whole afterwards, old or new, on load;
+    and the next save succeeds (a leftover ck.old used to make every later save fail with ENOTEMPTY)."""
+    p = str(tmp_path / "ck")
+    _save(p, 5)
+    where = dict(makedirs=(unigrpo.os, "makedirs"), save=(torch, "save"), fsync=(unigrpo.os, "fsync"),
+                 replace=(unigrpo.os, "replace"), rmtree=(unigrpo.shutil, "rmtree"))
+    mod, name = where[step]
+    real, calls = getattr(mod, name), []
+
+    def dying(*a, **k):
+        calls.append(a)
+        if len(calls) == nth + 1:
+            raise Killed(step)
+        return real(*a, **k)
+    monkeypatch.setattr(mod, name, dying)
+    with pytest.raises(Killed):
+        _save(p, 6)
+    monkeypatch.undo()
+    assert unigrpo.load_state(p)["iter"] == survives
+    assert sorted(os.listdir(tmp_path)) == ["ck"]  # load cleaned up what the kill left
+    _save(p, 7)
+    assert unigrpo.load_state(p)["iter"] == 7
+
+
 def test_atomic_dir_recovers_from_a_crash_between_renames(tmp_path):
     p = str(tmp_path / "ck")
-    unigrpo.atomic_dir(p, lambda d: torch.save(dict(iter=5), os.path.join(d, "trainer_state.pt")))
+    _save(p, 5)
     os.replace(p, p + ".old")  # as if killed after moving the old checkpoint away, before the new one landed
     assert unigrpo.load_state(p)["iter"] == 5
     assert os.path.exists(p) and not os.path.exists(p + ".old")
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tiny, tmp_path, monkeypatch):
+    import errno
+    p = str(tmp_path / "ck")
+    unigrpo.save_checkpoint(tiny, p, dict(iter=3))
+    real = torch.save
+
+    def full(obj, f, *a, **k):
+        real(obj, f, *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device", f)
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="No space left"):
+        unigrpo.save_checkpoint(tiny, p, dict(iter=4))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["ck"] and unigrpo.load_state(p)["iter"] == 3
+    assert unigrpo.load_model(p, "cpu").n_image_tokens == tiny.n_image_tokens
 
 
 def test_config_both_forms_and_types():
@@ -167,18 +223,47 @@ def test_config_both_forms_and_types():
     assert pre.model == "deepseek-community/Janus-Pro-7B" and pre.group_size == 2  # flags win over the preset
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--gruop_size=4"], "did you mean --group_size"),
-    (["--group_size", "four"], "--group_size expects int"),
-    (["--kl_beta=abc"], "--kl_beta expects float"),
-    (["--process_reward=maybe"], "expects a boolean"),
-    (["--stage=train"], "--stage must be"),
-    (["--group_size=1"], "at least 2"),
-])
-def test_cli_errors_exit_nonzero_with_help(args, needle):
+BAD_VALUES = [  # one per config key, and per kind of check: the flag, and a word of what it must be
+    (["--gruop_size=4"], "did you mean --group_size"), (["--group_size", "four"], "--group_size expects int"),
+    (["--kl_beta=abc"], "--kl_beta expects float"), (["--process_reward=maybe"], "--process_reward expects a boolean"),
+    (["--lr"], "--lr needs a value"), (["stray"], "unexpected argument 'stray'"),
+    (["--stage=train"], "--stage='train' is invalid: choose one of"), (["--stage=eval"], "python eval.py --out_dir"),
+    (["--preset=big"], "--preset='big' is unknown"), (["--loss_type=mean"], "--loss_type='mean'"), (["--dtype=fp16"], "--dtype='fp16'"),
+    (["--device=gpu"], "--device='gpu'"), (["--visual_scorer=foo"], "--visual_scorer='foo'"),
+    (["--visual_scorer=openclip:"], "--visual_scorer='openclip:'"), (["--text_critic=./no/critic"], "--text_critic='./no/critic'"),
+    (["--model=./nowhere"], "no Janus checkpoint at './nowhere'"), (["--warmup_data=/missing.jsonl"], "--warmup_data='/missing.jsonl'"),
+    (["--out_dir="], "--out_dir=''"), (["--out_dir=/etc/hostname/run"], "--out_dir='/etc/hostname/run'"),
+    (["--n_embd=33"], "multiple of --n_head=4"), (["--patch_size=12"], "--patch_size=12"), (["--lr=1e999"], "--lr=inf"),
+    (["--group_size=1"], "at least 2"), (["--temperature=0"], "--temperature=0.0"), (["--inner_epochs=0"], "--inner_epochs=0"),
+    (["--prompts_per_step=0"], "--prompts_per_step=0"), (["--max_new_tokens=0"], "--max_new_tokens=0"), (["--lr=-1"], "--lr=-1.0"),
+] + [([f"--{k}={v}"], f"--{k}={v}") for k, v in [
+    ("seed", -1), ("log_interval", 0), ("ckpt_interval", 0), ("storyboard_interval", 0), ("n_layer", 0), ("n_head", 0),
+    ("image_size", 0), ("codebook_size", 1), ("lora_rank", -1), ("lora_alpha", 0), ("vq_steps", 0), ("clip_steps", 0),
+    ("warmup_iters", 0), ("warmup_batch_size", 0), ("warmup_lr", 0.0), ("n_understanding", 0), ("interleaved_ratio", -0.5),
+    ("cfg_scale", -1.0), ("max_text_tokens", 0), ("max_images", -1), ("grpo_iters", 0), ("clip_eps", 0.0), ("kl_beta", -0.1),
+    ("grad_clip", 0.0), ("eval_prompts", 0), ("cpu_threads", -1)]]
+
+
+@pytest.mark.parametrize("args, needle", BAD_VALUES)
+def test_bad_values_fail_at_parse_time_naming_the_flag(args, needle, capsys, tmp_path):
+    """Each bad value stops at get_config (before any stage: nothing written), status 2, the flag and value on stderr."""
+    with pytest.raises(SystemExit) as err:
+        unigrpo.main([f"--out_dir={tmp_path}/run", *args])
+    assert err.value.code == 2
+    out = capsys.readouterr()
+    assert out.err.startswith("error: ") and needle in out.err and "Traceback" not in out.err + out.out, out.err
+    assert os.listdir(tmp_path) == []
+
+
+def test_every_numeric_key_has_a_range():
+    assert {k for k, v in unigrpo.DEFAULTS.items() if type(v) in (int, float)} == set(unigrpo.RANGES)
+
+
+@pytest.mark.parametrize("args, needle", [(["--temperature=0"], "--temperature=0.0"), (["--stage=eval"], "python eval.py"),
+                                          (["--warmup_data=/missing.jsonl"], "--warmup_data")])
+def test_cli_errors_exit_2_without_a_traceback(args, needle):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "unigrpo.py"), *args], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode != 0
-    assert needle in r.stderr + r.stdout
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_dry_run_prints_config_and_memory_without_loading(tmp_path):
