@@ -151,7 +151,8 @@ RANGES = dict(  # every numeric key: a bad value fails here, not minutes later a
     interleaved_ratio=_GE0, temperature=_POS, cfg_scale=_GE0, max_new_tokens=_GE1, max_text_tokens=_GE1, max_images=_GE0,
     grpo_iters=_GE1, prompts_per_step=_GE1, group_size=(lambda v: v >= 2, "at least 2 (advantages are relative to the group)"),
     lr=_POS, inner_epochs=_GE1, clip_eps=_POS, kl_beta=(lambda v: v >= 0, "at least 0 (0 = no KL term)"), grad_clip=_POS,
-    eval_prompts=_GE1, cpu_threads=(lambda v: v >= 0, "at least 0 (0 = torch's default)"))
+    eval_prompts=_GE1, eval_interval=(lambda v: v >= 0, "at least 0 (0 = no held-out evaluation during GRPO)"),
+    run_eval_prompts=_GE1, cpu_threads=(lambda v: v >= 0, "at least 0 (0 = torch's default)"))
 CHOICES = dict(stage=("prepare", "warmup", "grpo"), loss_type=("sequence", "token"), dtype=("float32", "bfloat16"))
 
 
@@ -189,6 +190,8 @@ def validate(cfg):
     w = cfg["warmup_data"]
     if w and not (os.path.isfile(w) and os.access(w, os.R_OK)):
         bad("warmup_data", "no such readable file; pass a JSONL file (format: data.py) or \"\" for the toy world mix")
+    if not cfg["rl_tasks"] or any(t not in data.TASKS for t in cfg["rl_tasks"].split(",")):
+        bad("rl_tasks", f"must be a comma-separated subset of {','.join(data.TASKS)} (default {DEFAULTS['rl_tasks']!r})")
     if not cfg["out_dir"]:
         bad("out_dir", "pass the folder for checkpoints and metrics (default 'out')")
     there = os.path.abspath(cfg["out_dir"])
@@ -1090,13 +1093,13 @@ def trainer_state(opt, it, sampler, cfg):
 
 # how a run is driven or logged, not what it computes: free to change on resume
 RESUME_FREE = {"out_dir", "stage", "dry_run", "preset", "log_interval", "ckpt_interval", "storyboard_interval", "eval_prompts",
-               "device", "cpu_threads", "grad_checkpointing"}
+               "eval_interval", "run_eval_prompts", "device", "cpu_threads", "grad_checkpointing"}
 RESUME_NOTED = {"lr", "warmup_lr", "grpo_iters", "warmup_iters"}  # accepted with a note: they apply from the resume point
 ONLY_BEFORE_GRPO = {"model", "vq_steps", "clip_steps", "warmup_iters", "warmup_batch_size", "warmup_lr", "n_understanding",
                     "interleaved_ratio", "warmup_data"}  # shaped the prepared world and the warm-up, done by now
 ONLY_GRPO = {"temperature", "cfg_scale", "max_new_tokens", "max_text_tokens", "max_images", "grpo_iters", "prompts_per_step",
              "group_size", "lr", "inner_epochs", "clip_eps", "kl_beta", "loss_type", "use_format_reward", "use_text_reward",
-             "use_visual_reward", "process_reward", "visual_scorer", "text_critic"}
+             "use_visual_reward", "process_reward", "visual_scorer", "text_critic", "rl_tasks"}
 
 
 def check_resume(cfg, state, stage, path):

@@ -56,7 +56,7 @@ def pipeline(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     args = [f"--out_dir={out}", "--vq_steps=3", "--clip_steps=20", "--warmup_iters=40", "--warmup_batch_size=16",
             "--n_understanding=150", "--grpo_iters=2", "--prompts_per_step=2", "--group_size=2", "--ckpt_interval=1",
-            "--storyboard_interval=1", "--max_new_tokens=60", "--log_interval=1", "--warmup_lr=3e-3"]
+            "--storyboard_interval=1", "--max_new_tokens=60", "--log_interval=1", "--warmup_lr=3e-3", "--run_eval_prompts=6"]
     r = subprocess.run([sys.executable, os.path.join(ROOT, "unigrpo.py"), "--stage=grpo", *args],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -66,6 +66,38 @@ def pipeline(tmp_path_factory):
 def _rows(out, stage):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [row for row in map(json.loads, f) if row["stage"] == stage]
+
+
+def test_held_out_evaluation_during_grpo_and_the_before_after_table(pipeline):
+    """GRPO evaluates on held-out prompts at iteration 0 (the warm-up) and at its end, logs eval/* rows, and
+    prints the two side by side with their change."""
+    out, _, r = pipeline
+    evals = [row for row in _rows(out, "grpo") if "eval/oracle_step" in row]
+    assert [row["iter"] for row in evals] == [0, 2]
+    for row in evals:
+        for k in ("oracle_step", "oracle_text", "oracle_image", "format", "understanding_acc", "t2i_acc"):
+            assert 0 <= row[f"eval/{k}"] <= 1, k
+        assert 0 <= row["eval/reward"] <= 3
+    lines = r.stdout[r.stdout.index("held-out prompts (6 interleaved"):].splitlines()
+    table = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in lines[2:5]}
+    cols = ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "understanding_acc", "t2i_acc")
+    assert lines[1].split() == list(cols)
+    assert table["warm-up"] == pytest.approx([evals[0][f"eval/{c}"] for c in cols], abs=6e-4)
+    assert table["GRPO"] == pytest.approx([evals[1][f"eval/{c}"] for c in cols], abs=6e-4)
+    assert table["change"] == pytest.approx([b - a for a, b in zip(table["warm-up"], table["GRPO"])], abs=2e-3)
+    assert "python eval.py --out_dir" in lines[5]
+
+
+def test_evaluation_uses_common_random_numbers(tiny, tmp_path):
+    """Each prompt draws its own noise: evaluating one model on a prefix of the prompts, or in another batch
+    layout, gives those prompts the same answers (so warm-up and GRPO are compared on the same draws)."""
+    cfg = unigrpo.get_config([f"--out_dir={tmp_path}", "--max_new_tokens=30"])
+    exs = data.make_examples("story", 5, "eval", seed=cfg.seed)
+    gens = lambda ids: [torch.Generator().manual_seed(1_000_003 * 7 + i) for i in ids]
+    all5 = unigrpo.sample_interleaved(tiny, [e.prompt for e in exs], 1.0, 30, 32, 4, gens(range(5)))
+    last2 = unigrpo.sample_interleaved(tiny, [e.prompt for e in exs[3:]], 1.0, 30, 32, 4, gens(range(3, 5)))
+    T = last2.ids.shape[1]
+    assert torch.equal(all5.ids[3:, :T], last2.ids) and torch.equal(all5.mask[3:, T:], torch.zeros_like(all5.mask[3:, T:]))
 
 
 def test_pipeline_runs_missing_stages_and_writes_outputs(pipeline):
