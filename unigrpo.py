@@ -38,7 +38,7 @@ dry_run = False           # print the resolved config (and a memory estimate) an
 preset = ""               # "" = toy world; janus-pro-1b / janus-pro-7b = paper-scale settings
 log_interval = 1          # iterations between log lines / metrics.jsonl rows
 ckpt_interval = 100       # iterations between atomic checkpoints (and always at the end)
-storyboard_interval = 20  # GRPO iterations between storyboards
+storyboard_interval = 20  # GRPO iterations between storyboards (and always at the end)
 # model
 model = ""                # "" = tiny Janus for the toy world; else an HF id or a local folder
 n_layer = 4               # tiny Janus trunk (toy world only)
@@ -66,11 +66,11 @@ max_new_tokens = 200      # per trajectory (text + image + forced end-of-image t
 max_text_tokens = 32      # per text segment; a longer segment stops the row (runaway text)
 max_images = 4            # a row that opens one image more stops (runaway images)
 # GRPO (stage 2)
-grpo_iters = 60
-prompts_per_step = 8
+grpo_iters = 12
+prompts_per_step = 64       # 256 rollouts a step: at 32 the gradients of two batches were ~orthogonal (README)
 rl_tasks = "story,howto,continuation"  # the task families GRPO's prompts come from (RL split)
 group_size = 4            # G, rollouts per prompt (paper: 4)
-lr = 3e-5                 # AdamW; 1e-4 and up erased understanding and text-to-image (forgetting)
+lr = 5e-5                 # AdamW
 inner_epochs = 2          # optimisation passes over each batch of rollouts
 clip_eps = 0.2
 kl_beta = 0.04            # 0 = no KL term and no reference model in memory
@@ -84,12 +84,12 @@ visual_scorer = "clip"    # clip (tiny CLIP trained here) | clip_weak (trained 1
 text_critic = "toy"       # toy | a HF id / folder of a VLM critic (full scale)
 # eval
 eval_prompts = 256        # eval.py: held-out prompts per evaluation (64 gave a seed-to-seed std of ~0.04 on oracle_step)
-eval_interval = 10        # GRPO iterations between held-out evaluations (eval/* rows in metrics.jsonl); 0 = off
+eval_interval = 4         # GRPO iterations between held-out evaluations (eval/* rows in metrics.jsonl); 0 = off
 run_eval_prompts = 96     # held-out prompts per such evaluation and for the before/after table at the end of GRPO
 # system
 dtype = "float32"         # float32 | bfloat16: bf16 autocast (GPU); trained weights and AdamW stay float32
 grad_checkpointing = False  # recompute decoder layers in backward: less activation memory (GPU, long rollouts)
-cpu_threads = 1           # torch threads on CPU; the toy model's small matmuls run fastest on one
+cpu_threads = 0           # torch threads on CPU; 0 = torch's default, one per core (README, "Speed")
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 DEFAULTS = {k: globals()[k] for k in config_keys}
 PRESETS = {  # the paper's recipe, one flag away (see README, "Full scale")
@@ -977,16 +977,20 @@ def rl_prompts(cfg):
 # Prepare, checkpoints, storyboards, logging
 
 
+def prepared_parts(cfg):
+    """What `prepare` makes: the weak CLIP only for the run that scores with it (the ablation's row)."""
+    return ("tokenizer", "vq", "clip") + (("clip_weak",) if cfg.visual_scorer == "clip_weak" else ())
+
+
 def prepare(cfg):
     """Toy world: text tokenizer, VQ image tokenizer and the tiny CLIP for r_v, cached in out_dir/prepare."""
     root = os.path.join(cfg.out_dir, "prepare")
-    for name in ("tokenizer", "vq", "clip", "clip_weak"):
+    for name in prepared_parts(cfg):
         recover(os.path.join(root, name))  # a part whose save was killed between its renames is not redone
     if not os.path.exists(os.path.join(root, "tokenizer")):
         tok = data.build_text_tokenizer()
         atomic_dir(os.path.join(root, "tokenizer"), tok.save_pretrained)
     tok = _load_tokenizer(root)
-    rs = random.Random(cfg.seed)
     if not os.path.exists(os.path.join(root, "vq")):
         vq_config = data.make_vq_config(cfg.image_size, cfg.patch_size, cfg.codebook_size, cfg.n_embd)
         images = data.vq_training_images(1500, seed=cfg.seed, image_size=cfg.image_size)
@@ -994,8 +998,9 @@ def prepare(cfg):
                                   labels=data.latent_labels(images, vq_config.num_patches))
         print(f"prepare: VQ tokenizer {json.dumps(stats)}")
         atomic_dir(os.path.join(root, "vq"), vq.save_pretrained)
-    for name, steps in (("clip", cfg.clip_steps), ("clip_weak", max(1, cfg.clip_steps // 10))):
-        if not os.path.exists(os.path.join(root, name)):
+    for i, (name, steps) in enumerate((("clip", cfg.clip_steps), ("clip_weak", max(1, cfg.clip_steps // 10)))):
+        if name in prepared_parts(cfg) and not os.path.exists(os.path.join(root, name)):
+            rs = random.Random(cfg.seed + i)  # each scorer's own scenes, whichever is made first
             scenes = [data.random_scene(rs) for _ in range(4000)]
             scorer, stats = rewards.train_tiny_clip([data.render(s, cfg.image_size) for s in scenes],
                                                     [data.describe(s) for s in scenes], tok, cfg.image_size, steps=steps, seed=cfg.seed)
@@ -1377,7 +1382,7 @@ def finished(cfg, name):
     """Whether out_dir holds a complete `name` stage (the toy world's `prepare` is not needed with --model)."""
     if name == "prepare":
         return bool(cfg.model) or all(os.path.exists(os.path.join(cfg.out_dir, "prepare", p))
-                                      for p in ("tokenizer", "vq", "clip", "clip_weak"))  # a killed prepare resumes
+                                      for p in prepared_parts(cfg))  # a killed prepare resumes
     path = os.path.join(cfg.out_dir, name)
     state = load_state(path)
     return bool(state) and is_checkpoint(path) and state["iter"] >= (cfg.warmup_iters if name == "warmup" else cfg.grpo_iters)
