@@ -727,16 +727,16 @@ def grpo(cfg, log):
         return
     torch.manual_seed(cfg.seed)
     # float32 master weights under bf16 autocast; with LoRA only the adapters train, so the base may be in --dtype
-    dtype = getattr(torch, cfg.dtype)
-    pdtype = dtype if cfg.lora_rank else torch.float32
+    pdtype = getattr(torch, cfg.dtype) if cfg.lora_rank else torch.float32
     policy = load_model(ckpt, dev, pdtype) if state else load_model(init, dev, pdtype, cfg.lora_rank, cfg.lora_alpha)
     policy = for_training(policy, cfg)
     lora = getattr(policy, "lora", None) is not None
     if state and lora != (cfg.lora_rank > 0):
         raise SystemExit(f"error: {ckpt} was trained {'with' if lora else 'without'} LoRA; "
                          "resume with the same --lora_rank or use a new --out_dir")
-    # the reference: with LoRA the policy's own base (adapters off), else a copy in --dtype; none if kl_beta = 0
-    ref = None if cfg.kl_beta <= 0 else policy if lora else load_model(init, dev, dtype, 0).requires_grad_(False)
+    # the reference: with LoRA the policy's own base (adapters off), else a copy with the policy's dtypes (float32
+    # weights under autocast: a bf16 copy would make KL > 0 at step 0); none if kl_beta = 0
+    ref = None if cfg.kl_beta <= 0 else policy if lora else load_model(init, dev, pdtype, 0).requires_grad_(False)
     critic, scorer = build_scorers(cfg, policy.tokenizer, dev)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     start = resume(opt, state)
@@ -784,7 +784,7 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
     t2 = time.time()
     with amp():
         ref_logp = reference_logprobs(ref, ro, cfg) if ref is not None else None  # once per batch
-    old_logp, mask = ro.logp.to(dev), ro.mask.to(dev)  # old log-probs come from the sampler, not recomputed
+    mask = ro.mask.to(dev)
     # 'token' loss: ranks hold different token counts, so each divides by the global count / world size
     # and the rank-averaged gradient is the global token mean's ('sequence': equal rows per rank suffice)
     n_tokens = all_sum(mask.sum()) / world_size()
@@ -795,12 +795,14 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
     for epoch in range(cfg.inner_epochs):
         with amp():
             logp, ent = sequence_logprobs(policy, ro, cfg.temperature, with_entropy=epoch == 0, cfg_scale=cfg.cfg_scale)
+        if epoch == 0:  # pi_old: this forward of the policy that sampled, not the KV-cache decode's (bf16: they differ)
+            old_logp = logp.detach()
         loss, st = grpo_loss(logp, old_logp, ref_logp if ref_logp is not None else logp.detach(), adv, mask,
                              cfg.clip_eps, cfg.kl_beta, cfg.loss_type, n_tokens)
         if all_sum(torch.isfinite(loss).float()) < world_size():  # every rank stops together
             break
         gn = optimizer_step(opt, loss, cfg.grad_clip)
-        if epoch == 0:  # KL and entropy of the policy that sampled (the ratio is 1 here)
+        if epoch == 0:  # KL and entropy of the policy that sampled (the ratio is exactly 1 here)
             first = dict(entropy=(ent * mask).sum().item() / mask.sum().item(), kl=st["kl"])
     policy.eval()
     t4 = time.time()
@@ -1002,7 +1004,7 @@ def memory_estimate(cfg):
     # float32 logits, their temperature-scaled copy and the log-softmax kept for backward: ~12 bytes each
     logits = rows * ((cfg.max_new_tokens - n_img) * lm.vocab_size + n_img * config.vq_config.num_embeddings) * 12
     table = {"weights": (4 * n_all, a * n_all + 4 * n_lora), "gradients": (4 * n_train, 4 * n_lora),
-             "AdamW states": (8 * n_train, 8 * n_lora), "reference model": (a * n_all * (cfg.kl_beta > 0), 0),
+             "AdamW states": (8 * n_train, 8 * n_lora), "reference model": (4 * n_all * (cfg.kl_beta > 0), 0),
              "activations": (acts, acts), "logits": (logits, logits), "sampling KV cache": (2 * L * rows * T * kv_dim * a,) * 2}
     peak = tuple(sum(table[k][i] for k in ("weights", "gradients", "AdamW states", "reference model"))
                  + max(table["activations"][i] + table["logits"][i], table["sampling KV cache"][i]) for i in (0, 1))
@@ -1019,7 +1021,7 @@ def format_memory(est):
              f"{'this config: ' + est['selected']:30}{'full fine-tune':>14}{'LoRA r=' + str(est['lora_rank']):>14}"]
     lines += [f"{k:30}{gb(v)}" for k, v in est["table"].items()] + [f"{'peak':30}{gb(est['peak'])}"]
     return "\n".join(lines + [
-        f"full: float32 weights, gradients, AdamW (bf16 autocast), a --dtype reference copy; LoRA: the base in --dtype, "
+        f"full: float32 weights, gradients, AdamW (bf16 autocast), a float32 reference copy; LoRA: the base in --dtype, "
         f"{est['lora_params'] / 1e6:.0f}M float32 adapter weights on the trunk's linear layers, no reference copy (adapters off).",
         "activations: saved per token (only layer inputs with --grad_checkpointing), SDPA; peak = resident + the larger of "
         "activations + logits and the sampling KV cache; not counted: reward models (ViT-L-14 ~1.7 GB), CUDA context.",

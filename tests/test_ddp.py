@@ -178,7 +178,7 @@ def test_memory_estimate_rows_follow_the_config(monkeypatch):
     assert 7.3e9 < full["params"] < 7.5e9 and 2.0e9 < est("--preset=janus-pro-1b")["params"] < 2.2e9
     w, g, adam, ref = (full["table"][k] for k in ("weights", "gradients", "AdamW states", "reference model"))
     assert w[0] == 4 * full["params"] and adam[0] == 2 * g[0] < 8 * full["params"]  # the VQ is frozen
-    assert ref == (2 * full["params"], 0)  # a bf16 copy; LoRA reuses the base with adapters off
+    assert ref == (4 * full["params"], 0)  # float32, as the policy; LoRA reuses the base with adapters off
     assert est("--kl_beta=0")["table"]["reference model"] == (0, 0)
     assert full["peak"][1] < full["peak"][0] / 2
     assert est("--grad_checkpointing=false")["table"]["activations"][0] > 5 * full["table"]["activations"][0]

@@ -121,8 +121,10 @@ def test_kl_beta_zero_loads_no_reference(pipeline, monkeypatch, tmp_path):
         loads.clear()
         shutil.rmtree(run / "grpo", ignore_errors=True)
         unigrpo.main([f"--out_dir={run}", "--stage=grpo", f"--kl_beta={beta}", "--grpo_iters=1", "--prompts_per_step=1",
-                      "--group_size=2", "--max_new_tokens=30", "--storyboard_interval=100", "--warmup_iters=40"])
+                      "--group_size=2", "--max_new_tokens=30", "--storyboard_interval=100", "--warmup_iters=40",
+                      "--dtype=bfloat16"])
         assert len(loads) == n, (beta, loads)
+    assert _rows(run, "grpo")[-1]["kl"] == 0.0  # the reference grpo() loads follows the policy's dtypes (bf16: no rounding gap)
 
 
 def test_nan_reward_updates_nothing_and_is_reported(tiny):
@@ -159,3 +161,36 @@ def test_lora_grpo_run_keeps_one_model_resumes_and_loads(pipeline, monkeypatch, 
         unigrpo.main([a for a in args if not a.startswith("--lora_rank")] + ["--grpo_iters=4"])
     monkeypatch.undo()
     assert unigrpo.load_model(str(run / "grpo"), "cpu").lora is not None
+
+
+
+def test_bf16_first_step_has_ratio_one_and_zero_kl(tiny, monkeypatch):
+    """bf16 autocast: the KV-cache decode and the teacher-forced forward round differently, so pi_old is the
+    update's own first forward (detached) and the reference a float32 copy under the same autocast. With
+    advantages that are not 0 and a clip range far below the rounding gap, no token is clipped and KL is 0;
+    the old rules (sampler log-probs as pi_old, a bf16 reference) clip and show KL > 0 on the same rollouts."""
+    import copy
+    policy, ref, ref_bf16 = (copy.deepcopy(tiny).requires_grad_(i == 0) for i in range(3))
+    ref_bf16.to(torch.bfloat16)
+    for m in (policy, ref, ref_bf16):
+        bias_text_logits(m, boi_id=2.0)  # images too
+    cfg = unigrpo.get_config(["--dtype=bfloat16", "--inner_epochs=1", "--clip_eps=1e-3", "--group_size=2",
+                              "--max_new_tokens=40", "--process_reward=false", "--lr=1e-3"])
+    examples = data.make_examples("story", 3, "rl", seed=0)
+    score = lambda ro, group: {"reward": torch.arange(len(group), dtype=torch.float) % 3}  # unequal within groups
+    seen, real = {}, unigrpo.sample_interleaved
+    monkeypatch.setattr(unigrpo, "sample_interleaved", lambda *a, **k: seen.setdefault("ro", real(*a, **k)))
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+    m = unigrpo.grpo_step(policy, ref, opt, examples, score, cfg, torch.Generator().manual_seed(0))
+    assert m["clip_ratio"] == 0.0 and m["kl"] == 0.0, m
+    ro = seen["ro"]  # the old rules on the same rollouts, with the weights before the update (ref's)
+    with unigrpo.autocast(cfg, "cpu"):
+        tf, _ = unigrpo.sequence_logprobs(ref, ro)
+        tf_bf16, _ = unigrpo.sequence_logprobs(ref_bf16, ro)
+    adv = unigrpo.group_advantages(score(ro, ro.ids)["reward"], 2)[:, None].expand_as(tf)
+    _, old = unigrpo.grpo_loss(tf, ro.logp, tf_bf16, adv, ro.mask, cfg.clip_eps, cfg.kl_beta)
+    gap = (tf - ro.logp)[ro.mask.bool()].abs().max().item()
+    print(f"bf16: max |sampler - teacher-forced logp| {gap:.2e}; old rules: clip_ratio {old['clip_ratio']:.3f}, "
+          f"kl {old['kl']:.2e}; now: clip_ratio {m['clip_ratio']}, kl {m['kl']}")
+    assert old["clip_ratio"] > 0 and old["kl"] > 0
+
