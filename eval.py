@@ -59,7 +59,8 @@ def oracle_step_scores(segments, states):
 
 @torch.no_grad()
 def evaluate_interleaved(model, examples, critic, scorer, cfg, seed=0):
-    """Sample one answer per held-out interleaved prompt; oracle, format and reward terms."""
+    """Sample one answer per held-out interleaved prompt; oracle (toy prompts: they know the true scenes),
+    format and reward terms."""
     g = torch.Generator(device=model.device).manual_seed(seed)
     rows = []
     for i in range(0, len(examples), 32):
@@ -70,12 +71,12 @@ def evaluate_interleaved(model, examples, critic, scorer, cfg, seed=0):
         for j, e in enumerate(ex):
             segs = sc["decoded"][j][0]
             o = oracle_step_scores(segs, e.states)
-            rows.append(dict(oracle_step=sum(s for _, _, s in o) / len(o), oracle_text=sum(t for t, _, _ in o) / len(o),
-                             oracle_image=sum(m for _, m, _ in o) / len(o), format=float(sc["format"][j]),
-                             text=float(sc["text"][j]), visual=float(sc["visual"][j]),
-                             reward=float(sc["reward"][j]),
+            oracle = dict(oracle_step=sum(s for _, _, s in o) / len(o), oracle_text=sum(t for t, _, _ in o) / len(o),
+                          oracle_image=sum(m for _, m, _ in o) / len(o)) if o else {}
+            rows.append(dict(**oracle, format=float(sc["format"][j]), text=float(sc["text"][j]),
+                             visual=float(sc["visual"][j]), reward=float(sc["reward"][j]),
                              images=sum(k == "image" for k, _ in segs)))
-    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[-1]}  # real prompts: no oracle keys
 
 
 @torch.no_grad()
@@ -107,6 +108,9 @@ def evaluate_retained(model, cfg, n, seed=0):
 
 
 def eval_prompts(cfg, n):
+    """The first n prompts of --eval_data, or n held-out toy prompts (a third per interleaved family)."""
+    if cfg.eval_data:
+        return data.load_prompts(cfg.eval_data)[:n]
     per = max(1, n // 3)
     return [e for t in ("story", "howto", "continuation") for e in data.make_examples(t, per, "eval", seed=cfg.seed, image_size=cfg.image_size)]
 
@@ -118,7 +122,8 @@ def evaluate_checkpoint(path, cfg, n=None, critic_scorer=None, seed=0):
     model = unigrpo.load_model(path, unigrpo.resolve_device(cfg)).eval()
     critic, scorer = critic_scorer or unigrpo.build_scorers(cfg, model.tokenizer, model.device)
     out = evaluate_interleaved(model, eval_prompts(cfg, n), critic, scorer, cfg, seed)
-    out.update(evaluate_retained(model, cfg, n, seed))
+    if not cfg.eval_data:  # the retained abilities are read by the toy world's oracle
+        out.update(evaluate_retained(model, cfg, n, seed))
     return out
 
 
@@ -127,7 +132,7 @@ COLUMNS = ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "te
 
 def markdown_table(results):
     head = "| checkpoint | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS)
-    body = [f"| {name} | " + " | ".join(f"{r[c]:.3f}" for c in COLUMNS) + " |" for name, r in results.items()]
+    body = [f"| {name} | " + " | ".join(f"{r[c]:.3f}" if c in r else "-" for c in COLUMNS) + " |" for name, r in results.items()]
     return "\n".join([head] + body)
 
 

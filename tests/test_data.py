@@ -1,5 +1,6 @@
 """Tests for data.py: the toy world, its task families and splits, the tokenizers, the JSONL loader."""
 import json
+import os
 import random
 
 import numpy as np
@@ -469,3 +470,33 @@ def test_load_jsonl_unreadable_image(jsonl_dir):
     path = _write(jsonl_dir, [{"task": "t2i", "prompt": [], "answer": [{"image": "imgs/broken.png"}]}])
     with pytest.raises(ValueError, match=r"data.jsonl:1: cannot read image"):
         data.load_jsonl(path)
+
+
+PROMPT = {"task": "interleaved", "prompt": [{"text": "move it right ."}, {"image": "imgs/a.png"}], "n_steps": 2,
+          "ref_texts": ["the red circle is at the top .", "the red circle is at the top right ."]}
+
+
+def test_load_prompts(jsonl_dir):
+    path = _write(jsonl_dir, [PROMPT, "", {"task": "t2i", "prompt": [{"text": "draw : a cat ."}], "n_steps": 1}])
+    a, b = data.load_prompts(path)
+    assert a.n_steps == 2 and a.ref_texts == PROMPT["ref_texts"] and a.answer == [] and a.prompt[1][1].mode == "RGB"
+    assert b.task == "t2i" and b.n_steps == 1 and b.ref_texts == []
+    assert data.load_prompts(path, check_only=True) == []
+    ex = data.load_prompts(os.path.join(os.path.dirname(__file__), "fixtures", "realdata", "rl.jsonl"))
+    assert len(ex) == 6 and any(k == "image" for e in ex for k, _ in e.prompt)  # the shipped example file
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("[1]", "expected a JSON object"),
+    ({"task": "x", "prompt": [{"text": "a"}]}, 'missing key "n_steps"'),
+    ({**PROMPT, "n_steps": -1}, '"n_steps" must be a whole number >= 0'),
+    ({**PROMPT, "n_steps": 1.5}, '"n_steps" must be a whole number'),
+    ({**PROMPT, "ref_texts": "one ."}, '"ref_texts" must be a list of strings'),
+    ({**PROMPT, "prompt": []}, "empty prompt"),
+    ({**PROMPT, "prompt": [{"image": "imgs/nope.png"}]}, "image file not found"),
+])
+def test_load_prompts_errors_name_file_and_line(jsonl_dir, bad, message):
+    path = _write(jsonl_dir, [PROMPT, bad])
+    with pytest.raises(ValueError) as err:
+        data.load_prompts(path, check_only=True)
+    assert str(err.value).startswith(f"{path}:2: ") and message in str(err.value)
