@@ -56,9 +56,13 @@ clip_steps = 500
 warmup_iters = 1000
 warmup_batch_size = 32
 warmup_lr = 5e-4          # 2e-3 stalls: the model learns which objects a sentence names, never where they go
+warmup_rise = 50          # warm-up schedule: linear rise over this many iterations, then cosine decay to 0
 n_understanding = 2000    # mix size; interleaved : understanding : t2i = interleaved_ratio : 1 : 1
 interleaved_ratio = 0.3   # the paper's 0.3M : 1M : 1M, kept small on purpose so GRPO has work to do
+cfg_dropout = 0.0         # warm-up: prob. of training an example as CFG's unconditional branch (Janus: 0.1)
 warmup_data = ""          # a JSONL file of real warm-up data (see data.py); "" = toy world mix
+rl_data = ""              # a JSONL file of GRPO prompts (see data.py); "" = toy world prompts
+eval_data = ""            # a JSONL file of evaluation prompts, same format; "" = toy world held-out prompts
 # sampling
 temperature = 1.0
 cfg_scale = 1.0           # classifier-free guidance for image tokens (1 = off); the paper samples with 3
@@ -89,16 +93,19 @@ grad_checkpointing = False  # recompute decoder layers in backward: less activat
 cpu_threads = 1           # torch threads on CPU; the toy model's small matmuls run fastest on one
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 DEFAULTS = {k: globals()[k] for k in config_keys}
-PRESETS = {  # the paper's recipe, one flag away (see README, "Full scale")
-    "janus-pro-1b": dict(model="deepseek-community/Janus-Pro-1B", image_size=384, patch_size=16, group_size=4,
-                         prompts_per_step=8, lr=1e-6, kl_beta=0.04, inner_epochs=1, dtype="bfloat16",
-                         visual_scorer="openclip:ViT-L-14/openai", max_new_tokens=2600, max_text_tokens=256, cfg_scale=3.0,
-                         grad_checkpointing=True),
-    "janus-pro-7b": dict(model="deepseek-community/Janus-Pro-7B", image_size=384, patch_size=16, group_size=4,
-                         prompts_per_step=4, lr=1e-6, kl_beta=0.04, inner_epochs=1, dtype="bfloat16",
-                         visual_scorer="openclip:ViT-L-14/openai", max_new_tokens=2600, max_text_tokens=256, cfg_scale=3.0,
-                         grad_checkpointing=True),
-}
+# The paper's recipe, one flag away (see README, "Full scale"). Where each number comes from:
+#   GRPO: G = 4, lr 1e-6, k3 KL beta 0.04, CFG 3 when sampling images (the paper); one inner epoch (TRL's default).
+#   warm-up (our choice, not the paper's): lr 1e-5, a pretrained model's SFT range (Janus-Pro's own SFT ran at a
+#   few 1e-5), 100-iteration rise then cosine, batch 128, 2000 iterations; CFG prompt dropout 0.1 (Janus's recipe).
+#   critic: Qwen2.5-VL-7B-Instruct for r_t (the paper used LLaVA-Critic, which transformers does not load as
+#   one class); r_v: open_clip ViT-L/14 (the paper's CLIP-score ablation; ImageReward is --visual_scorer imagereward).
+_FULL = dict(image_size=384, patch_size=16, group_size=4, lr=1e-6, kl_beta=0.04, inner_epochs=1, dtype="bfloat16",
+             visual_scorer="openclip:ViT-L-14/openai", text_critic="Qwen/Qwen2.5-VL-7B-Instruct", max_new_tokens=2600,
+             max_text_tokens=256, cfg_scale=3.0, grad_checkpointing=True, warmup_lr=1e-5, warmup_rise=100,
+             warmup_iters=2000, warmup_batch_size=128, cfg_dropout=0.1, grpo_iters=500, ckpt_interval=50, eval_prompts=1000)
+PRESETS = {"janus-pro-1b": dict(_FULL, model="deepseek-community/Janus-Pro-1B", prompts_per_step=8),
+           "janus-pro-7b": dict(_FULL, model="deepseek-community/Janus-Pro-7B", prompts_per_step=4)}
+PRESET_DATA = {"warmup": "warmup_data", "grpo": "rl_data", "eval": "eval_data"}  # what a preset run needs per stage
 # -----------------------------------------------------------------------------
 
 def get_config(argv):
@@ -550,10 +557,21 @@ def make_batch(model, examples, answers=None):
     return Rollout(prompt_ids, prompt_mask, context, ids, is_image, z, z.float(), mask, torch.ones(len(enc), dtype=torch.bool))
 
 
-def warmup_step(model, opt, examples, answers, cfg):
+def drop_prompts(model, batch, rows):
+    """CFG training (Janus: the prompt's text becomes <pad>): `rows` get the input the sampler's unconditional
+    twin sees (unconditional_ids over prompt and answer) and train only their image tokens."""
+    z = torch.zeros_like(batch.prompt_ids, dtype=torch.bool)
+    batch.prompt_ids[rows] = unconditional_ids(model, batch.prompt_ids, z)[rows]
+    batch.ids[rows] = unconditional_ids(model, batch.ids, batch.is_image)[rows]
+    batch.mask[rows] = batch.mask[rows] * batch.is_image[rows]
+    return batch
+
+
+def warmup_step(model, opt, examples, answers, cfg, drop=None):
     """One stage-1 step: next-token NLL over text and image tokens, the token mean over the global batch.
     The batch runs as length-sorted chunks of 8 (one loss, one gradient): padded together, the task
-    families (~8x apart in length) made ~70% of every batch padding. Returns (loss, sums, grad norm)."""
+    families (~8x apart in length) made ~70% of every batch padding. drop[i]: train example i as CFG's
+    unconditional branch (drop_prompts). Returns (loss, sums, grad norm)."""
     dev = model.device
     size = lambda i: len(answers[i][0]) + sum(len(x.split()) if k == "text" else model.n_context_tokens + 2
                                               for k, x in examples[i].prompt)  # rough, for sorting only
@@ -562,6 +580,8 @@ def warmup_step(model, opt, examples, answers, cfg):
     for j in range(0, len(order), 8):
         chunk = order[j:j + 8]
         batch = make_batch(model, [examples[i] for i in chunk], [answers[i] for i in chunk])
+        if drop is not None and any(drop[i] for i in chunk):
+            batch = drop_prompts(model, batch, torch.tensor([drop[i] for i in chunk]))
         with autocast(cfg, dev):
             logp, _ = sequence_logprobs(model, batch)
         m = batch.mask.to(dev).bool()
@@ -578,8 +598,8 @@ def warmup_step(model, opt, examples, answers, cfg):
 
 
 def warmup_lr_at(cfg, it):
-    """The warm-up's schedule: linear rise over 50 steps, cosine decay to 0 at cfg.warmup_iters."""
-    return cfg.warmup_lr * min(1.0, (it + 1) / 50) * 0.5 * (1 + math.cos(math.pi * it / cfg.warmup_iters))
+    """The warm-up's schedule: linear rise over cfg.warmup_rise steps, cosine decay to 0 at cfg.warmup_iters."""
+    return cfg.warmup_lr * min(1.0, (it + 1) / cfg.warmup_rise) * 0.5 * (1 + math.cos(math.pi * it / cfg.warmup_iters))
 
 
 def warmup(cfg, log):
@@ -609,15 +629,17 @@ def warmup(cfg, log):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.warmup_lr, weight_decay=0.0)
     start = resume(opt, state)
-    rng = random.Random(cfg.seed + start)
+    rng, drop_rng = random.Random(cfg.seed + start), random.Random(cfg.seed + 2000 + start)  # own stream: p=0 draws none
     model.train()
     for it in tqdm(range(start, cfg.warmup_iters), desc="warm-up", initial=start, total=cfg.warmup_iters, disable=None if rank() == 0 else True):
         lr_it = warmup_lr_at(cfg, it)
         for g in opt.param_groups:
             g["lr"] = lr_it
         t0 = time.time()
-        pick = rng.sample(range(len(mix)), min(cfg.warmup_batch_size, len(mix)))[rank()::world_size()]  # the global batch, this rank's share
-        loss, st, gn = warmup_step(model, opt, [mix[i] for i in pick], [answers[i] for i in pick], cfg)
+        pick = rng.sample(range(len(mix)), min(cfg.warmup_batch_size, len(mix)))  # the global batch
+        drop = [drop_rng.random() < cfg.cfg_dropout for _ in pick] if cfg.cfg_dropout > 0 else None
+        pick, drop = pick[rank()::world_size()], drop and drop[rank()::world_size()]  # this rank's share
+        loss, st, gn = warmup_step(model, opt, [mix[i] for i in pick], [answers[i] for i in pick], cfg, drop)
         if it % cfg.log_interval == 0 or it == cfg.warmup_iters - 1:
             row = dict(loss=loss.item(), loss_text=st["nll_text"] / max(st["n_text"], 1),
                        loss_image=st["nll_image"] / max(st["n_image"], 1), grad_norm=gn.item(), lr=lr_it, sec=time.time() - t0)
@@ -819,7 +841,9 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
 
 
 def rl_prompts(cfg):
-    """GRPO prompts: the interleaved task families from the RL split (never seen in warm-up)."""
+    """GRPO prompts: --rl_data, or the toy interleaved task families from the RL split (never seen in warm-up)."""
+    if cfg.rl_data:
+        return data.load_prompts(cfg.rl_data)
     return [e for task in ("story", "howto", "continuation")
             for e in data.make_examples(task, 400, "rl", seed=cfg.seed, image_size=cfg.image_size)]
 
@@ -923,7 +947,9 @@ def write_storyboard(model, cfg, stage_name, it, n=6):
     """Sample a few held-out prompts; data.save_storyboard draws them (master only)."""
     if rank() > 0:
         return
-    examples = [e for task in ("story", "howto") for e in data.make_examples(task, n // 2, "eval", seed=cfg.seed, image_size=cfg.image_size)]
+    files = [f for f in (cfg.eval_data, cfg.rl_data) if f]
+    examples = data.load_prompts(files[0])[:n] if files else [
+        e for task in ("story", "howto") for e in data.make_examples(task, n // 2, "eval", seed=cfg.seed, image_size=cfg.image_size)]
     gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
     ro = sample_interleaved(model, [e.prompt for e in examples], cfg.temperature, cfg.max_new_tokens, cfg.max_text_tokens, cfg.max_images,
                             generator=gen, cfg_scale=cfg.cfg_scale)
@@ -1137,6 +1163,23 @@ def finished(cfg, name):
     return bool(state) and state["iter"] >= (cfg.warmup_iters if name == "warmup" else cfg.grpo_iters)
 
 
+def check_data(cfg, todo):
+    """A preset trains and evaluates on real data: each stage to run needs its file, checked before any work
+    (GRPO and evaluation prompts line by line: a bad line should not surface after the warm-up)."""
+    for name in todo:
+        key = PRESET_DATA.get(name)
+        if key is None or (name != cfg.stage and finished(cfg, name)):
+            continue
+        path = getattr(cfg, key)
+        if cfg.preset and not path:
+            raise SystemExit(f"error: --preset {cfg.preset} runs the {name} stage on real data: pass --{key} FILE "
+                             "(JSONL, format at the top of data.py; example files in tests/data/)")
+        if path and not os.path.isfile(path):
+            raise SystemExit(f"error: --{key} {path!r}: no such file")
+        if path and key != "warmup_data":
+            data.load_prompts(path, check_only=True)
+
+
 def main(argv=None):
     cfg = get_config(sys.argv[1:] if argv is None else argv)
     if cfg.dry_run:
@@ -1150,6 +1193,7 @@ def main(argv=None):
         torch.set_num_threads(cfg.cpu_threads)
     order = ["prepare", "warmup", "grpo"]
     todo = order[: order.index(cfg.stage) + 1] if cfg.stage in order else order
+    check_data(cfg, todo + (["eval"] if cfg.stage == "eval" else []))
     if "grpo" in todo and cfg.prompts_per_step % world_size():  # before any work
         raise SystemExit(f"error: --prompts_per_step={cfg.prompts_per_step} must be divisible by the number of processes "
                          f"({world_size()}): each rank samples whole groups; change it or --nproc_per_node")
@@ -1171,7 +1215,7 @@ def main(argv=None):
             grpo(cfg, log)
     if cfg.stage == "eval" and rank() == 0:
         import eval as evaluation  # eval.py imports this file; importing it here at run time keeps that one-way
-        evaluation.main(["--out_dir", cfg.out_dir])
+        evaluation.main(sys.argv[1:] if argv is None else list(argv))  # the same flags: --eval_data, scorers, preset
     if ddp:
         torch.distributed.destroy_process_group()
     return cfg

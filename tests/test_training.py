@@ -194,3 +194,37 @@ def test_bf16_first_step_has_ratio_one_and_zero_kl(tiny, monkeypatch):
           f"kl {old['kl']:.2e}; now: clip_ratio {m['clip_ratio']}, kl {m['kl']}")
     assert old["clip_ratio"] > 0 and old["kl"] > 0
 
+
+
+REAL = os.path.join(ROOT, "tests", "fixtures", "realdata")
+
+
+def test_every_stage_runs_on_data_files(pipeline, monkeypatch, tmp_path):
+    """--warmup_data, --rl_data and --eval_data (tests/fixtures/realdata, toy-world content so the toy critic
+    reads it) through warm-up with CFG prompt dropout, GRPO and evaluation: no toy prompt is drawn."""
+    run = tmp_path / "real"
+    _warmed_up_copy(pipeline, run, monkeypatch)
+    import shutil
+    shutil.rmtree(run / "warmup")
+    monkeypatch.setattr(data, "make_examples", lambda *a, **k: pytest.fail("a toy prompt was drawn"))
+    monkeypatch.setattr(data, "warmup_mix", lambda *a, **k: pytest.fail("the toy warm-up mix was built"))
+    files = [f"--{k}_data={REAL}/{f}.jsonl" for k, f in (("warmup", "warmup"), ("rl", "rl"), ("eval", "eval"))]
+    results = unigrpo.main([f"--out_dir={run}", "--stage=eval", *files, "--warmup_iters=3", "--warmup_batch_size=8",
+                            "--cfg_dropout=0.5", "--grpo_iters=1", "--prompts_per_step=2", "--group_size=2",
+                            "--max_new_tokens=40", "--storyboard_interval=1"])
+    assert [r["iter"] for r in _rows(run, "warmup")] == [0, 1, 2] and len(_rows(run, "grpo")) == 1
+    res = json.load(open(run / "eval.json"))
+    assert set(res) == {"warmup", "grpo"} and "format" in res["grpo"] and "oracle_step" not in res["grpo"]
+    assert os.path.exists(run / "storyboards" / "grpo_00001.html")
+
+
+def test_preset_requires_its_data_files_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match=r"--preset janus-pro-1b runs the warmup stage on real data: pass --warmup_data"):
+        unigrpo.main([f"--out_dir={tmp_path}/o", "--preset=janus-pro-1b", "--stage=grpo"])
+    with pytest.raises(SystemExit, match=r"pass --rl_data"):
+        unigrpo.main([f"--out_dir={tmp_path}/o", "--preset=janus-pro-1b", "--stage=grpo", f"--warmup_data={REAL}/warmup.jsonl"])
+    bad = tmp_path / "rl.jsonl"
+    bad.write_text('{"task": "story", "prompt": [{"text": "a"}]}\n')
+    with pytest.raises(ValueError, match=r"rl.jsonl:1: missing key \"n_steps\""):
+        unigrpo.main([f"--out_dir={tmp_path}/o", "--stage=grpo", f"--rl_data={bad}"])
+    assert not os.path.exists(tmp_path / "o")
