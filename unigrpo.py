@@ -90,6 +90,7 @@ eval_prompts = 256        # eval.py: held-out prompts per evaluation (64 gave a 
 # system
 dtype = "float32"         # float32 | bfloat16: bf16 autocast (GPU); trained weights and AdamW stay float32
 grad_checkpointing = False  # recompute decoder layers in backward: less activation memory (GPU, long rollouts)
+fsdp = False              # under torchrun: shard weights, gradients and AdamW over the ranks (FSDP2), full fine-tunes
 cpu_threads = 1           # torch threads on CPU; the toy model's small matmuls run fastest on one
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 DEFAULTS = {k: globals()[k] for k in config_keys}
@@ -192,6 +193,11 @@ class UnifiedModel(torch.nn.Module):
     @property
     def device(self):
         return self.janus.lm_head.weight.device
+
+    def forward(self, fn, *args, **kwargs):
+        """Every computation on the weights enters here (the sampler, teacher-forced log-probs), so FSDP's hooks
+        gather the root's weights around it; without FSDP it is a plain call."""
+        return fn(self, *args, **kwargs)
 
     # inputs ------------------------------------------------------------------
     def encode_prompt(self, segments):
@@ -388,9 +394,15 @@ def head_logprobs(model, h, image, temperature, h_uncond=None, cfg_scale=1.0):
     return torch.log_softmax(logits / temperature, dim=-1)
 
 
+def sample_interleaved(model, *args, **kwargs):
+    """_sample_interleaved through model.forward, with FSDP's weights gathered once for all decode steps."""
+    with gathered(model):
+        return model(_sample_interleaved, *args, **kwargs)
+
+
 @torch.no_grad()
-def sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max_text_tokens=32, max_images=4, generator=None,
-                       cfg_scale=1.0):
+def _sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max_text_tokens=32, max_images=4, generator=None,
+                        cfg_scale=1.0):
     """Batched interleaved decoding with a KV cache; one forward serves all rows, text-mode rows read the
     LM head, image-mode rows the generation head. The model opens an image with <begin_of_image>; then
     n_image_tokens codes are sampled and <end_of_image> is forced; a row stops at EOS or a limit.
@@ -501,7 +513,12 @@ def decode_rollout(model, ro):
 # Teacher-forced log-probs over both heads (used by warm-up, the policy, and the reference)
 
 
-def sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale=1.0):
+def sequence_logprobs(model, *args, **kwargs):
+    """_sequence_logprobs through model.forward (FSDP's hooks)."""
+    return model(_sequence_logprobs, *args, **kwargs)
+
+
+def _sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale=1.0):
     """log pi(o_t | q, o_<t) of every generated token, with the sampler's temperature and guidance, so that
     on-policy the ratio is exactly 1. The hidden state at <begin_of_image> predicts image code 0. With CFG
     the gradient flows through both branches: the policy optimised is the guided one that sampled."""
@@ -517,7 +534,11 @@ def sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale=
         ids = torch.cat([ids, unconditional_ids(model, ids, is_image)])
         is_image, attn, pos, placeholders = (t.repeat(2, 1) for t in (is_image, attn, pos, placeholders))
         context = context * 2
-    h = model.trunk(model.embed(ids, is_image), attn, pos, None, _stack_context(context, dev), placeholders)
+    pixels = _stack_context(context, dev)
+    h = model.trunk(model.embed(ids, is_image), attn, pos, None, pixels, placeholders)
+    if torch.is_grad_enabled():  # which optional parts this rank's gradient reaches (drop_unused_grads, FSDP)
+        model.grad_paths = getattr(model, "grad_paths", set()) | {k for k, on in (
+            ("vision", pixels is not None), ("image_in", bool(is_image.any())), ("image_out", bool(img.any()))) if on}
     P = ro.prompt_ids.shape[1]
     h = h[:, P - 1:-1]  # hidden states that predict the generated tokens
     logp = torch.zeros(tgt.shape, device=dev)
@@ -594,7 +615,7 @@ def warmup_step(model, opt, examples, answers, cfg, drop=None):
     loss = nll / (all_sum(torch.tensor(float(st["n_text"] + st["n_image"]), device=dev)) / world_size())
     if not torch.isfinite(loss):
         raise FloatingPointError(f"warm-up loss is {loss.item()}; lower --warmup_lr (now {cfg.warmup_lr}) or check the data")
-    return loss, st, optimizer_step(opt, loss, cfg.grad_clip)
+    return loss, st, optimizer_step(opt, loss, cfg.grad_clip, model)
 
 
 def warmup_lr_at(cfg, it):
@@ -623,12 +644,14 @@ def warmup(cfg, log):
             print("warm-up: the toy model trains from scratch, so all of it trains; --lora_rank applies from GRPO on")
     broadcast_from_master(model)
     model = for_training(model, cfg)
+    if cfg.fsdp:
+        model = shard(model)
     mix = data.load_jsonl(cfg.warmup_data) if cfg.warmup_data else data.warmup_mix(
         cfg.n_understanding, seed=cfg.seed, ratio=(cfg.interleaved_ratio, 1.0, 1.0), image_size=cfg.image_size)
     answers = [model.encode_answer(e.answer) for e in tqdm(mix, desc="encode warm-up answers", disable=None)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.warmup_lr, weight_decay=0.0)
-    start = resume(opt, state)
+    start = resume(opt, state, model)
     rng, drop_rng = random.Random(cfg.seed + start), random.Random(cfg.seed + 2000 + start)  # own stream: p=0 draws none
     model.train()
     for it in tqdm(range(start, cfg.warmup_iters), desc="warm-up", initial=start, total=cfg.warmup_iters, disable=None if rank() == 0 else True):
@@ -645,7 +668,7 @@ def warmup(cfg, log):
                        loss_image=st["nll_image"] / max(st["n_image"], 1), grad_norm=gn.item(), lr=lr_it, sec=time.time() - t0)
             log(dict(stage="warmup", iter=it, **mean_over_ranks(row, dict(loss_text=st["n_text"], loss_image=st["n_image"]))))
         if (it + 1) % cfg.ckpt_interval == 0 or it + 1 == cfg.warmup_iters:
-            save_checkpoint(model, ckpt, trainer_state(opt, it + 1))
+            save_checkpoint(model, ckpt, trainer_state(opt, it + 1, model))
     model.eval()
     write_storyboard(model, cfg, "warmup", cfg.warmup_iters)
 
@@ -752,6 +775,8 @@ def grpo(cfg, log):
     pdtype = getattr(torch, cfg.dtype) if cfg.lora_rank else torch.float32
     policy = load_model(ckpt, dev, pdtype) if state else load_model(init, dev, pdtype, cfg.lora_rank, cfg.lora_alpha)
     policy = for_training(policy, cfg)
+    if cfg.fsdp:
+        policy = shard(policy)
     lora = getattr(policy, "lora", None) is not None
     if state and lora != (cfg.lora_rank > 0):
         raise SystemExit(f"error: {ckpt} was trained {'with' if lora else 'without'} LoRA; "
@@ -759,9 +784,11 @@ def grpo(cfg, log):
     # the reference: with LoRA the policy's own base (adapters off), else a copy with the policy's dtypes (float32
     # weights under autocast: a bf16 copy would make KL > 0 at step 0); none if kl_beta = 0
     ref = None if cfg.kl_beta <= 0 else policy if lora else load_model(init, dev, pdtype, 0).requires_grad_(False)
+    if cfg.fsdp and ref is not None:
+        ref = shard(ref, reshard_root=True)
     critic, scorer = build_scorers(cfg, policy.tokenizer, dev)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    start = resume(opt, state)
+    start = resume(opt, state, policy)
     if state:
         print(f"grpo: resuming from {ckpt} at iter {start}")
     prompts_pool, rng = rl_prompts(cfg), random.Random(cfg.seed + 1000 + start)
@@ -778,7 +805,7 @@ def grpo(cfg, log):
         if it % cfg.log_interval == 0 or it + 1 == cfg.grpo_iters:
             log({"stage": "grpo", "iter": it, **metrics})
         if (it + 1) % cfg.ckpt_interval == 0 or it + 1 == cfg.grpo_iters:
-            save_checkpoint(policy, ckpt, trainer_state(opt, it + 1))
+            save_checkpoint(policy, ckpt, trainer_state(opt, it + 1, policy))
         if (it + 1) % cfg.storyboard_interval == 0 or it + 1 == cfg.grpo_iters:
             write_storyboard(policy, cfg, "grpo", it + 1)
 
@@ -823,7 +850,7 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
                              cfg.clip_eps, cfg.kl_beta, cfg.loss_type, n_tokens)
         if all_sum(torch.isfinite(loss).float()) < world_size():  # every rank stops together
             break
-        gn = optimizer_step(opt, loss, cfg.grad_clip)
+        gn = optimizer_step(opt, loss, cfg.grad_clip, policy)
         if epoch == 0:  # KL and entropy of the policy that sampled (the ratio is exactly 1 here)
             first = dict(entropy=(ent * mask).sum().item() / mask.sum().item(), kl=st["kl"])
     policy.eval()
@@ -905,6 +932,8 @@ def save_checkpoint(model, path, state):
     """Full weights, or a LoRA model's adapters alone (a few MB for 7B), whose adapter_config.json names their
     base (relative to `path` when local, so out_dir can move); load_model reads either kind. The master
     writes; the others wait, so that none reads a checkpoint still being written."""
+    full = full_state_dict(model)  # FSDP: every rank takes part in the gather
+
     def write(d):
         if getattr(model, "lora", None) is not None:
             conf = model.lora.peft_config["default"]
@@ -913,7 +942,7 @@ def save_checkpoint(model, path, state):
             model.lora.save_pretrained(d, save_embedding_layers=False)  # False: "auto" would query the hub
             conf.base_model_name_or_path = base
         else:
-            model.janus.save_pretrained(d)
+            model.janus.save_pretrained(d, state_dict=full)  # an ordinary folder, sharded run or not
         model.tokenizer.save_pretrained(d)
         torch.save(state, os.path.join(d, "trainer_state.pt"))
     if rank() == 0:
@@ -921,16 +950,16 @@ def save_checkpoint(model, path, state):
     barrier()
 
 
-def trainer_state(opt, it):
+def trainer_state(opt, it, model=None):
     """What a run needs to resume besides the weights: the iteration, AdamW's moments, torch's RNG."""
-    return dict(iter=it, optimizer=opt.state_dict(), rng=torch.get_rng_state())
+    return dict(iter=it, optimizer=optimizer_state(model, opt), rng=torch.get_rng_state())
 
 
-def resume(opt, state):
+def resume(opt, state, model=None):
     """Restore a trainer_state into the optimizer and torch's RNG; the iteration to go on from (0: none)."""
     if not state:
         return 0
-    opt.load_state_dict(state["optimizer"])
+    load_optimizer_state(model, opt, state["optimizer"])
     torch.set_rng_state(state["rng"])
     return state["iter"]
 
@@ -944,8 +973,9 @@ def load_state(path):
 
 
 def write_storyboard(model, cfg, stage_name, it, n=6):
-    """Sample a few held-out prompts; data.save_storyboard draws them (master only)."""
-    if rank() > 0:
+    """Sample a few held-out prompts; data.save_storyboard draws them (master only; under FSDP every rank
+    samples, since gathering the weights is a collective)."""
+    if rank() > 0 and not is_sharded(model.parameters()):
         return
     files = [f for f in (cfg.eval_data, cfg.rl_data) if f]
     examples = data.load_prompts(files[0])[:n] if files else [
@@ -953,6 +983,8 @@ def write_storyboard(model, cfg, stage_name, it, n=6):
     gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
     ro = sample_interleaved(model, [e.prompt for e in examples], cfg.temperature, cfg.max_new_tokens, cfg.max_text_tokens, cfg.max_images,
                             generator=gen, cfg_scale=cfg.cfg_scale)
+    if rank() > 0:
+        return
     os.makedirs(os.path.join(cfg.out_dir, "storyboards"), exist_ok=True)
     data.save_storyboard(os.path.join(cfg.out_dir, "storyboards", f"{stage_name}_{it:05d}"), f"{stage_name} iter {it}",
                          [(" ".join(x for k, x in e.prompt if k == "text"), segs) for e, (segs, _) in zip(examples, decode_rollout(model, ro))])
@@ -1002,8 +1034,8 @@ def janus_pro_config(name):
 
 
 def memory_estimate(cfg):
-    """Bytes per GPU, (full fine-tune, LoRA) per row, from the architecture alone: the model is built on
-    the meta device, so no weights are loaded and nothing is downloaded. None for an unknown model."""
+    """Bytes per GPU, (full fine-tune under DDP, full under FSDP, LoRA) per row, from the architecture alone: the
+    model is built on the meta device, so no weights are loaded and nothing is downloaded. None for an unknown model."""
     from transformers import JanusConfig, JanusForConditionalGeneration
     name = cfg.model.rstrip("/").rsplit("/", 1)[-1].lower()
     if name in JANUS_PRO:
@@ -1015,7 +1047,9 @@ def memory_estimate(cfg):
     with torch.device("meta"):
         janus = JanusForConditionalGeneration(config)
     n_all = sum(p.numel() for p in janus.parameters())
-    n_train = n_all - sum(p.numel() for p in janus.model.vqmodel.parameters())  # the VQ stays frozen
+    n_vq = sum(p.numel() for p in janus.model.vqmodel.parameters())
+    n_train = n_all - n_vq  # the VQ stays frozen (and whole on every rank under FSDP)
+    n_layers = sum(p.numel() for p in janus.model.language_model.layers.parameters())
     lora_r = cfg.lora_rank or 64  # the LoRA column assumes rank 64 when LoRA is off
     n_lora = sum(lora_r * (m.in_features + m.out_features) for m in janus.model.language_model.layers.modules()
                  if isinstance(m, torch.nn.Linear))  # adapters on every linear layer of the trunk
@@ -1029,13 +1063,19 @@ def memory_estimate(cfg):
     acts = rows * T * (L * H * a + layer if cfg.grad_checkpointing else L * layer)
     # float32 logits, their temperature-scaled copy and the log-softmax kept for backward: ~12 bytes each
     logits = rows * ((cfg.max_new_tokens - n_img) * lm.vocab_size + n_img * config.vq_config.num_embeddings) * 12
-    table = {"weights": (4 * n_all, a * n_all + 4 * n_lora), "gradients": (4 * n_train, 4 * n_lora),
-             "AdamW states": (8 * n_train, 8 * n_lora), "reference model": (4 * n_all * (cfg.kl_beta > 0), 0),
-             "activations": (acts, acts), "logits": (logits, logits), "sampling KV cache": (2 * L * rows * T * kv_dim * a,) * 2}
+    shard = 4 * n_train / world + 4 * n_vq  # FSDP: float32 weights split over the ranks, the VQ whole
+    table = {"weights": (4 * n_all, shard, a * n_all + 4 * n_lora), "gradients": (4 * n_train, 4 * n_train / world, 4 * n_lora),
+             "AdamW states": (8 * n_train, 8 * n_train / world, 8 * n_lora),
+             "reference model": (4 * n_all * (cfg.kl_beta > 0), shard * (cfg.kl_beta > 0), 0),
+             "activations": (acts,) * 3, "logits": (logits,) * 3, "sampling KV cache": (2 * L * rows * T * kv_dim * a,) * 3,
+             # FSDP gathers float32 weights: the root and ~2 layers during the update, everything while sampling
+             "gathered (FSDP): update": (0, 4 * (n_train - n_layers + 2 * n_layers / L), 0),
+             "gathered (FSDP): sampling": (0, 4 * n_train, 0)}
     peak = tuple(sum(table[k][i] for k in ("weights", "gradients", "AdamW states", "reference model"))
-                 + max(table["activations"][i] + table["logits"][i], table["sampling KV cache"][i]) for i in (0, 1))
+                 + max(table["activations"][i] + table["logits"][i] + table["gathered (FSDP): update"][i],
+                       table["sampling KV cache"][i] + table["gathered (FSDP): sampling"][i]) for i in range(3))
     return dict(name=name, params=n_all, lora_params=n_lora, lora_rank=lora_r, world=world, rows=rows, tokens=T,
-                table=table, peak=peak, selected="LoRA" if cfg.lora_rank else "full fine-tune")
+                table=table, peak=peak, selected="LoRA" if cfg.lora_rank else "FSDP" if cfg.fsdp else "full fine-tune")
 
 
 def format_memory(est):
@@ -1044,14 +1084,15 @@ def format_memory(est):
     gb = lambda pair: "".join(f"{x / 1e9:14.1f}" for x in pair)
     lines = [f"memory per GPU on paper, GB: {est['name']} ({est['params'] / 1e9:.2f}B parameters), {est['world']} GPU(s) "
              f"(WORLD_SIZE), {est['rows']} rollouts per GPU of up to {est['tokens']} tokens",
-             f"{'this config: ' + est['selected']:30}{'full fine-tune':>14}{'LoRA r=' + str(est['lora_rank']):>14}"]
+             f"{'this config: ' + est['selected']:30}{'full (DDP)':>14}{'full (FSDP)':>14}{'LoRA r=' + str(est['lora_rank']):>14}"]
     lines += [f"{k:30}{gb(v)}" for k, v in est["table"].items()] + [f"{'peak':30}{gb(est['peak'])}"]
     return "\n".join(lines + [
-        f"full: float32 weights, gradients, AdamW (bf16 autocast), a float32 reference copy; LoRA: the base in --dtype, "
+        f"full: float32 weights, gradients, AdamW (bf16 autocast), a float32 reference copy; DDP keeps them on every GPU, "
+        f"--fsdp splits them over the {est['world']} GPU(s) (the frozen VQ stays whole); LoRA: the base in --dtype, "
         f"{est['lora_params'] / 1e6:.0f}M float32 adapter weights on the trunk's linear layers, no reference copy (adapters off).",
         "activations: saved per token (only layer inputs with --grad_checkpointing), SDPA; peak = resident + the larger of "
-        "activations + logits and the sampling KV cache; not counted: reward models (ViT-L-14 ~1.7 GB), CUDA context.",
-        "FSDP is not implemented: DDP keeps all of the above on every GPU; where full fine-tune exceeds 80 GB, use --lora_rank."])
+        "activations + logits (+ FSDP's gathered root and layers) and the sampling KV cache (+ FSDP's gathered weights); "
+        "not counted: reward models (ViT-L-14 ~1.7 GB, a 7B critic ~16 GB in bf16), CUDA context, fragmentation."])
 
 
 # -----------------------------------------------------------------------------
@@ -1128,15 +1169,99 @@ def average_gradients(params):
         p.grad /= world_size()
 
 
-def optimizer_step(opt, loss, grad_clip):
+def optimizer_step(opt, loss, grad_clip, model=None):
     """backward, gradients averaged over ranks, clipped, one AdamW step; returns the norm before clipping."""
     params = [p for g in opt.param_groups for p in g["params"]]
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    average_gradients(params)
+    if is_sharded(params):  # FSDP has reduce-scattered the mean gradient; only None must be restored
+        drop_unused_grads(model)
+    else:
+        average_gradients(params)
     gn = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     opt.step()
-    return gn
+    return gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+
+
+# -----------------------------------------------------------------------------
+# FSDP2 (--fsdp): fully_shard over each decoder layer of the trunk, then the root; full fine-tunes only
+
+
+def shard(model, reshard_root=False):
+    """Shard weights (then gradients and AdamW states) over the ranks: each decoder layer is a unit (gathered
+    for its forward and backward), the root holds the rest (embeddings, heads, vision; gathered around
+    model.forward). The frozen VQ stays whole on every rank: encode_answer and decode_rollout use it outside."""
+    from torch.distributed.fsdp import fully_shard
+    for layer in model.janus.model.language_model.layers:
+        fully_shard(layer)
+    fully_shard(model, ignored_params=set(model.janus.model.vqmodel.parameters()),
+                reshard_after_forward=True if reshard_root else None)  # the reference has no backward to reshard it
+    model.set_reduce_scatter_unused_params(True)  # ranks leave different heads unused: every rank reduces every one
+    return model
+
+
+def is_sharded(params):
+    return any(type(p).__name__ == "DTensor" for p in params)
+
+
+# the parts a batch may leave unused (no context image, no image token), by janus parameter name
+OPTIONAL_PATHS = {"vision": ("model.vision_model.", "model.aligner."),
+                  "image_in": ("model.generation_embeddings.", "model.generation_aligner."),
+                  "image_out": ("model.generation_head.",)}
+
+
+def drop_unused_grads(model):
+    """FSDP gave a zero gradient to what no rank used (_sequence_logprobs records what each rank's forwards
+    used); one process leaves it None, and AdamW skips it (no step, no moment decay)."""
+    used = all_sum(torch.tensor([float(k in model.grad_paths) for k in OPTIONAL_PATHS]))
+    model.grad_paths = set()
+    for (k, prefixes), u in zip(OPTIONAL_PATHS.items(), used.tolist()):
+        for name, p in model.janus.named_parameters():
+            if u == 0 and name.startswith(prefixes):
+                p.grad = None
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Sampling under FSDP: each unit's weights are gathered at the first decode step and kept until the end, so
+    ranks whose rollouts end at different steps run no collective in the loop. Plain models: nothing."""
+    from torch.distributed.fsdp import FSDPModule
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # the root's default: kept for backward
+
+
+def full_state_dict(model):
+    """Under FSDP: the full weights (janus' keys) on the master, {} elsewhere (a collective); else None."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if not is_sharded(model.parameters()):
+        return None
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    tied = {n for n, _ in model.janus.named_parameters(remove_duplicate=False)} - {n for n, _ in model.janus.named_parameters()}
+    return {k[len("janus."):]: v for k, v in sd.items() if k.startswith("janus.") and k[len("janus."):] not in tied}
+
+
+def optimizer_state(model, opt):
+    """AdamW's state for trainer_state.pt: gathered to the master under FSDP (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    if model is None or not is_sharded(model.parameters()):
+        return opt.state_dict()
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, opt, sd):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    if model is None or not is_sharded(model.parameters()):
+        return opt.load_state_dict(sd)
+    set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True))  # every rank read it
 
 
 def autocast(cfg, dev):
@@ -1194,6 +1319,12 @@ def main(argv=None):
     order = ["prepare", "warmup", "grpo"]
     todo = order[: order.index(cfg.stage) + 1] if cfg.stage in order else order
     check_data(cfg, todo + (["eval"] if cfg.stage == "eval" else []))
+    if cfg.fsdp and (not ddp or cfg.lora_rank):
+        raise SystemExit("error: --fsdp shards a full fine-tune over torchrun's processes: launch with torchrun, "
+                         "without --lora_rank (LoRA's trainable part is small: plain DDP replicates it)")
+    if cfg.fsdp and "warmup" in todo and cfg.warmup_batch_size % world_size():  # equal shares: the same collectives
+        raise SystemExit(f"error: --fsdp needs --warmup_batch_size={cfg.warmup_batch_size} divisible by the number of "
+                         f"processes ({world_size()})")
     if "grpo" in todo and cfg.prompts_per_step % world_size():  # before any work
         raise SystemExit(f"error: --prompts_per_step={cfg.prompts_per_step} must be divisible by the number of processes "
                          f"({world_size()}): each rank samples whole groups; change it or --nproc_per_node")

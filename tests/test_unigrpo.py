@@ -174,6 +174,7 @@ def test_config_both_forms_and_types():
     (["--process_reward=maybe"], "expects a boolean"),
     (["--stage=train"], "--stage must be"),
     (["--group_size=1"], "at least 2"),
+    (["--fsdp"], "launch with torchrun"),
 ])
 def test_cli_errors_exit_nonzero_with_help(args, needle):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "unigrpo.py"), *args], capture_output=True, text=True, cwd=ROOT)
@@ -188,11 +189,12 @@ def test_dry_run_prints_config_and_memory_without_loading(tmp_path):
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "WORLD_SIZE": "8"})
     assert r.returncode == 0, r.stderr
     assert '"model": "deepseek-community/Janus-Pro-7B"' in r.stdout
-    assert "janus-pro-7b (7.41B parameters), 8 GPU(s)" in r.stdout and "FSDP is not implemented" in r.stdout
+    assert "janus-pro-7b (7.41B parameters), 8 GPU(s)" in r.stdout and "--fsdp splits them over the 8 GPU(s)" in r.stdout
     rows = {line[:30].strip(): line[30:].split() for line in r.stdout.splitlines() if line[:30].strip() in
             ("weights", "gradients", "AdamW states", "reference model", "activations", "peak")}
-    assert len(rows) == 6 and all(len(v) == 2 for v in rows.values()), r.stdout
-    assert float(rows["peak"][1]) < 80 < float(rows["peak"][0])  # on 80 GB GPUs the 7B needs LoRA (or FSDP)
+    assert len(rows) == 6 and all(len(v) == 3 for v in rows.values()), r.stdout
+    full, fsdp, lora = map(float, rows["peak"])
+    assert lora < 80 < full and fsdp < 80  # on 80 GB GPUs the 7B's full fine-tune needs FSDP (or LoRA)
     assert not os.path.exists(f"{tmp_path}/o")
 
 
