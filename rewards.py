@@ -375,7 +375,7 @@ def load_openclip_scorer(name, pretrained, device="cpu"):
     `pretrained`), with its own tokenizer and preprocessing. Calibrated as CLIPScore until
     calibrate() is run on matching/mismatched pairs of the target domain."""
     import open_clip
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, device=device)
     return ClipScorer(model, open_clip.get_tokenizer(name), preprocess)
 
 

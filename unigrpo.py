@@ -308,9 +308,15 @@ def load_model(path, device, dtype=torch.float32, lora_rank=None, lora_alpha=16,
     if looks_local and not (is_lora or os.path.exists(os.path.join(path, "config.json"))):
         raise SystemExit(f"error: no Janus checkpoint at {path!r} (a folder with config.json from save_pretrained); "
                          "run the earlier stage, or pass --model an HF id such as deepseek-community/Janus-Pro-1B")
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
     if four_bit is None:  # QLoRA: the frozen base under adapters in 4 bits, only where bitsandbytes and a GPU are
-        four_bit = bool(lora_rank or (lora_rank is None and is_lora)) and str(device).startswith("cuda") \
-            and importlib.util.find_spec("bitsandbytes") is not None
+        four_bit = bool(lora_rank or (lora_rank is None and is_lora)) and str(device).startswith("cuda")
+        if four_bit and not has_bnb:
+            print("LoRA: bitsandbytes is not installed, so the frozen base loads in --dtype, not 4-bit NF4 "
+                  "(pip install bitsandbytes for QLoRA)")
+        four_bit = four_bit and has_bnb
+    if four_bit and not has_bnb:
+        raise ImportError("4-bit loading (QLoRA) needs bitsandbytes: pip install bitsandbytes (and a CUDA GPU)")
     if is_lora:
         from peft import PeftConfig, PeftModel
         base = PeftConfig.from_pretrained(path).base_model_name_or_path

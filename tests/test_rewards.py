@@ -6,6 +6,7 @@ import torch
 
 import data
 import rewards
+import unigrpo
 from rewards import (ClipScorer, ToyTextCritic, format_reward, hybrid_reward, load_clip, parse_critic_score,
                      save_clip, step_rewards, train_tiny_clip)
 
@@ -291,3 +292,64 @@ def test_full_scale_slots_without_downloads():
     s = ClipScorer(Stub(), lambda texts: torch.tensor([float(t) for t in texts]), lambda img: torch.zeros(1))
     got = s.score([IMG] * 4, ["-0.2", "0.1", "0.3", "0.9"])
     assert got.tolist() == pytest.approx([0.0, 0.25, 0.75, 1.0])
+
+
+def tiny_vlm_critic_folder(folder, pinned_reply=None):
+    """A random-weight LLaVA (transformers' LlavaForConditionalGeneration: CLIP vision tower, Llama text model)
+    with the toy word tokenizer and a one-line chat template, saved with its processor like a hub checkpoint.
+    pinned_reply: a token the generation config favours, then EOS (random weights would say noise)."""
+    from transformers import CLIPImageProcessor, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    tok = data.build_text_tokenizer()
+    tok.add_tokens(["<image>"], special_tokens=True)
+    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = LlavaConfig(text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=len(tok), **ids),
+                         vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16),
+                         image_token_id=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config)
+    bias = []
+    if pinned_reply is not None:
+        t = tok.convert_tokens_to_ids(pinned_reply)
+        bias = [[[t], 100.0], [[t, tok.eos_token_id], 200.0]]  # the token first, then EOS right after it
+    model.generation_config = GenerationConfig(**ids, sequence_bias=bias or None)
+    model.save_pretrained(folder)
+    template = ("{% for m in messages %}{% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endfor %}"
+                "{% if add_generation_prompt %} :{% endif %}")
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                   tokenizer=tok, patch_size=16, chat_template=template).save_pretrained(folder)
+    return str(folder)
+
+
+def test_vlm_critic_runs_a_real_model_from_a_folder(tmp_path):
+    """rewards.VLMCritic end to end through AutoProcessor / AutoModelForImageTextToText: chat template, greedy
+    generation, reply decoding, score parsing; with references and without; unreadable replies score 0."""
+    critic = rewards.VLMCritic(tiny_vlm_critic_folder(tmp_path / "pinned", pinned_reply="7"))
+    assert critic.step_scores(["the red circle is at the top .", "x", "beyond"], ["the red circle is at the top .", "y"]) \
+        == pytest.approx([0.7, 0.7, 0.0])  # "7" on 0-10; a step beyond the references earns nothing
+    assert critic.step_scores(["the red circle is at the top ."], []) == pytest.approx([0.7])  # graded alone
+    noisy = rewards.VLMCritic(tiny_vlm_critic_folder(tmp_path / "random"), max_new_tokens=6)
+    scores = noisy.step_scores(["a", "b"], ["c", "d"])
+    assert all(0.0 <= x <= 1.0 for x in scores)  # random words: parsed when they hold one number, else 0
+
+
+def test_openclip_scorer_with_a_real_architecture_and_random_weights():
+    """rewards.load_openclip_scorer and unigrpo.build_scorers on open_clip's ViT-S-32 with random weights
+    (pretrained none): its own preprocessing and BPE tokenizer, scores in [0, 1]; nothing downloads."""
+    scorer = rewards.load_openclip_scorer("ViT-S-32", None)
+    imgs = [data.render(S1), data.render(S2)]
+    got = scorer.score(imgs, ["a red circle", "a blue square at the top"])
+    assert got.shape == (2,) and ((got >= 0) & (got <= 1)).all()
+    assert scorer.cosine(imgs, ["x", "y"]).abs().max() <= 1.0
+    _, via_cli = unigrpo.build_scorers(unigrpo.get_config(["--visual_scorer=openclip:ViT-S-32"]), None, "cpu")
+    assert type(via_cli.model).__name__ == "CLIP" and via_cli.score(imgs[:1], ["a"]).shape == (1,)
+
+
+def test_missing_optional_packages_name_their_install(tiny, tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    tiny.janus.save_pretrained(tmp_path); tiny.tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        unigrpo.load_model(str(tmp_path), "cpu", four_bit=True)
