@@ -39,6 +39,10 @@ preset = ""               # "" = toy world; janus-pro-1b / janus-pro-7b = paper-
 log_interval = 1          # iterations between log lines / metrics.jsonl rows
 ckpt_interval = 100       # iterations between atomic checkpoints (and always at the end)
 storyboard_interval = 20  # GRPO iterations between storyboards
+wandb_log = False         # mirror metrics.jsonl to Weights & Biases (WANDB_MODE=offline works); needs wandb
+wandb_project = "unigrpo"
+wandb_run_name = ""       # "" = wandb's own name
+tensorboard = False       # mirror metrics.jsonl as TensorBoard scalars in out_dir/tensorboard; needs tensorboard
 # model
 model = ""                # "" = tiny Janus for the toy world; else an HF id or a local folder
 n_layer = 4               # tiny Janus trunk (toy world only)
@@ -1002,15 +1006,43 @@ def resolve_device(cfg):
     return cfg.device
 
 
+def trackers(cfg):
+    """Optional mirrors of metrics.jsonl (the source of truth), imported only when asked for: one callable per row."""
+    sinks, scalars = [], lambda row: {k: v for k, v in row.items() if type(v) in (int, float)}
+    if cfg.wandb_log:
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: --wandb_log needs the wandb package: pip install wandb") from None
+        run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=vars(cfg), dir=cfg.out_dir)
+        sinks.append(lambda row: run.log({f"{row['stage']}/{k}": v for k, v in scalars(row).items()}))
+    if cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise SystemExit("error: --tensorboard needs the tensorboard package: pip install tensorboard") from None
+        writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+
+        def scalars_to_tb(row):
+            for k, v in scalars(row).items():
+                writer.add_scalar(f"{row['stage']}/{k}", v, row["iter"])
+            writer.flush()
+        sinks.append(scalars_to_tb)
+    return sinks
+
+
 def make_logger(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
     path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    sinks = trackers(cfg) if rank() == 0 else []
 
     def log(row):  # rows arrive already averaged over ranks; the master writes them
         if rank() > 0:
             return
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        for sink in sinks:
+            sink(row)
         keys = ("loss", "reward", "rewards/format/mean", "rewards/text/mean", "rewards/visual/mean", "kl", "clip_ratio")
         msg = " ".join(f"{k.split('/')[1] if '/' in k else k} {row[k]:.4f}" for k in keys if k in row)
         secs = sum(v for k, v in row.items() if k.startswith("time/")) or row.get("sec", 0)

@@ -209,3 +209,22 @@ def test_malformed_warmup_data_names_file_and_line(tmp_path):
     bad.write_text('{"task": "t2i", "prompt": [{"text": "draw"}], "answer": [{"text": "x"}]}\n{"task": "t2i", "prompt": [\n')
     with pytest.raises(ValueError, match=r"mix.jsonl:2"):
         data.load_jsonl(str(bad))
+
+
+def test_trackers_mirror_metrics_and_name_their_install(tmp_path, monkeypatch):
+    """--wandb_log and --tensorboard: a clear error naming the install where the package is missing; wandb is
+    not installed here, so a stand-in module (the test's only fake) checks what the logger hands it."""
+    import importlib.util
+    import types
+    for flag, pkg in (("--wandb_log", "wandb"), ("--tensorboard", "tensorboard")):
+        if importlib.util.find_spec(pkg) is None:
+            with pytest.raises(SystemExit, match=f"pip install {pkg}"):
+                unigrpo.make_logger(unigrpo.get_config([f"--out_dir={tmp_path}", flag]))
+    logged = []
+    fake = types.SimpleNamespace(init=lambda **kw: logged.append(kw) or types.SimpleNamespace(log=logged.append))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    log = unigrpo.make_logger(unigrpo.get_config([f"--out_dir={tmp_path}", "--wandb_log", "--wandb_run_name=r1"]))
+    log(dict(stage="grpo", iter=3, reward=0.5, loss=-1.0))
+    assert logged[0]["name"] == "r1" and logged[0]["config"]["wandb_log"] is True
+    assert logged[1] == {"grpo/iter": 3, "grpo/reward": 0.5, "grpo/loss": -1.0}
+    assert '"reward": 0.5' in open(tmp_path / "metrics.jsonl").read()  # the source of truth
