@@ -13,7 +13,7 @@ the warm-up model.
     python unigrpo.py --stage grpo --preset janus-pro-7b --dry_run
 
 Read top to bottom: config, model wrapper, interleaved sampler, log-probs, warm-up, GRPO maths,
-GRPO loop, prepare/checkpoints/storyboards, the --dry_run memory estimate, DDP, main.
+GRPO loop, prepare/checkpoints/storyboards, the --dry_run memory estimate, DDP, FSDP2, main.
 """
 import contextlib, datetime, difflib, importlib.util, json, math, os, random, shutil, sys, time
 from ast import literal_eval
@@ -100,10 +100,10 @@ config_keys = [k for k, v in globals().items() if not k.startswith("_") and isin
 DEFAULTS = {k: globals()[k] for k in config_keys}
 # The paper's recipe, one flag away (see README, "Full scale"). Where each number comes from:
 #   GRPO: G = 4, lr 1e-6, k3 KL beta 0.04, CFG 3 when sampling images (the paper); one inner epoch (TRL's default).
-#   warm-up (our choice, not the paper's): lr 1e-5, a pretrained model's SFT range (Janus-Pro's own SFT ran at a
-#   few 1e-5), 100-iteration rise then cosine, batch 128, 2000 iterations; CFG prompt dropout 0.1 (Janus's recipe).
-#   critic: Qwen2.5-VL-7B-Instruct for r_t (the paper used LLaVA-Critic, which transformers does not load as
-#   one class); r_v: open_clip ViT-L/14 (the paper's CLIP-score ablation; ImageReward is --visual_scorer imagereward).
+#   warm-up (our choice, not the paper's): lr 1e-5, the usual fine-tuning range for a pretrained model, 100-iteration
+#   rise then cosine, batch 128, 2000 iterations; CFG prompt dropout 0.1 (Janus's way of training CFG, our rate).
+#   critic: Qwen2.5-VL-7B-Instruct for r_t (our choice; the paper used LLaVA-Critic); r_v: open_clip ViT-L/14
+#   (the paper's CLIP-score ablation; ImageReward is --visual_scorer imagereward).
 _FULL = dict(image_size=384, patch_size=16, group_size=4, lr=1e-6, kl_beta=0.04, inner_epochs=1, dtype="bfloat16",
              visual_scorer="openclip:ViT-L-14/openai", text_critic="Qwen/Qwen2.5-VL-7B-Instruct", max_new_tokens=2600,
              max_text_tokens=256, cfg_scale=3.0, grad_checkpointing=True, warmup_lr=1e-5, warmup_rise=100,
