@@ -38,7 +38,17 @@ Real data (the full-scale warm-up) comes as JSONL, one JSON object per line:
   (a string) or "image" (a path to an image file, relative to the JSONL file's folder).
   The prompt may be empty (unconditional); the answer may not.
 - Other top-level keys (an "id", a "source") are allowed and ignored. Blank lines are skipped.
-`load_jsonl` checks every line and raises ValueError("<file>:<line>: <what is wrong and how to fix>").
+
+GRPO prompts (--rl_data) and evaluation prompts (--eval_data) are the same family without an answer:
+    {"task": "interleaved", "prompt": [{"text": "how to make tea ?"}, {"image": "imgs/0001_a.png"}],
+     "n_steps": 3, "ref_texts": ["boil the water .", "add the tea .", "pour ."]}
+- "task", "prompt": as above ("t2i": the answer is n_steps images and no text; ref_texts are then what
+  each image should show, scored against it by r_v).
+- "n_steps": how many (text, image) steps the answer should have (0: one text answer, understanding);
+  r_f checks the layout against it.
+- "ref_texts" (optional): a reference text per step for the text critic (r_t); without it the critic
+  grades each step on its own.
+`load_jsonl` / `load_prompts` check every line and raise ValueError("<file>:<line>: <what is wrong and how to fix>").
 """
 
 import base64
@@ -241,11 +251,14 @@ class Example:
     ref_texts: list = field(default_factory=list)  # the correct text of each answer step
     key: str = ""  # task + initial state + parameters: the prompt's identity ("" for real data)
     trajectory: str = ""  # the trajectory its states lie on: what split_of hashes (see trajectory_key)
+    steps_asked: int | None = None  # a prompt file's "n_steps" (no answer to count them from)
 
     @property
     def n_steps(self) -> int:
         """How many (text, image) steps the answer should have: its image count. That is
         len(states) for interleaved tasks, 0 for understanding and 1 (the image) for t2i."""
+        if self.steps_asked is not None:
+            return self.steps_asked
         return sum(kind == "image" for kind, _ in self.answer)
 
 
@@ -721,12 +734,9 @@ def _segments(path, lineno, record, name, folder, image_size):
     return segments
 
 
-def load_jsonl(path, image_size: int | None = None) -> list:
-    """Examples from a JSONL file (format in the module docstring), every line checked.
-    Images are loaded as RGB and, if image_size is given, resized to image_size x image_size."""
+def _records(path, keys):
+    """(line number, record) of every non-blank line, each a JSON object with `keys` and a non-empty "task"."""
     path = Path(path)
-    folder = path.parent
-    examples = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -738,18 +748,46 @@ def load_jsonl(path, image_size: int | None = None) -> list:
                                  "each line must be one complete JSON object") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            for k in ("task", "prompt", "answer"):
+            for k in keys:
                 if k not in record:
-                    raise ValueError(f'{path}:{lineno}: missing key "{k}"; '
-                                     'every record needs "task", "prompt" and "answer"')
+                    raise ValueError(f'{path}:{lineno}: missing key "{k}"; every record needs ' +
+                                     ", ".join(f'"{k}"' for k in keys))
             if not isinstance(record["task"], str) or not record["task"]:
                 raise ValueError(f'{path}:{lineno}: "task" must be a non-empty string, got {record["task"]!r:.40}')
-            prompt = _segments(path, lineno, record, "prompt", folder, image_size)
-            answer = _segments(path, lineno, record, "answer", folder, image_size)
-            if not answer:
-                raise ValueError(f'{path}:{lineno}: empty answer; "answer" needs at least one segment')
-            examples.append(Example(record["task"], prompt, answer, states=[],
-                                    ref_texts=[v for kind, v in answer if kind == "text"]))
+            yield lineno, record
+
+
+def load_jsonl(path, image_size: int | None = None) -> list:
+    """Warm-up examples from a JSONL file (format in the module docstring), every line checked.
+    Images are loaded as RGB and, if image_size is given, resized to image_size x image_size."""
+    path, examples = Path(path), []
+    for lineno, record in _records(path, ("task", "prompt", "answer")):
+        prompt = _segments(path, lineno, record, "prompt", path.parent, image_size)
+        answer = _segments(path, lineno, record, "answer", path.parent, image_size)
+        if not answer:
+            raise ValueError(f'{path}:{lineno}: empty answer; "answer" needs at least one segment')
+        examples.append(Example(record["task"], prompt, answer, states=[],
+                                ref_texts=[v for kind, v in answer if kind == "text"]))
+    return examples
+
+
+def load_prompts(path, image_size: int | None = None, check_only: bool = False) -> list:
+    """GRPO or evaluation prompts from a JSONL file (format in the module docstring), every line checked;
+    check_only: validate (images opened too) and return nothing."""
+    path, examples = Path(path), []
+    for lineno, record in _records(path, ("task", "prompt", "n_steps")):
+        prompt = _segments(path, lineno, record, "prompt", path.parent, image_size)
+        n, refs = record["n_steps"], record.get("ref_texts", [])
+        if type(n) is not int or n < 0:
+            raise ValueError(f'{path}:{lineno}: "n_steps" must be a whole number >= 0 (0: a one-text answer), got {n!r:.40}')
+        if not isinstance(refs, list) or not all(isinstance(t, str) for t in refs):
+            raise ValueError(f'{path}:{lineno}: "ref_texts" must be a list of strings, one per step, got {refs!r:.60}')
+        if not prompt:
+            raise ValueError(f'{path}:{lineno}: empty prompt; GRPO and evaluation prompts need at least one segment')
+        if not check_only:
+            examples.append(Example(record["task"], prompt, [], states=[], ref_texts=refs, steps_asked=n))
+    if not examples and not check_only:
+        raise ValueError(f"{path}: no prompts (every line blank)")
     return examples
 
 

@@ -70,7 +70,7 @@ COLUMNS = ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "te
 
 def markdown_table(results):
     head = "| checkpoint | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS)
-    body = [f"| {name} | " + " | ".join(f"{r[c]:.3f}" for c in COLUMNS) + " |" for name, r in results.items()]
+    body = [f"| {name} | " + " | ".join(f"{r[c]:.3f}" if c in r else "-" for c in COLUMNS) + " |" for name, r in results.items()]
     return "\n".join([head] + body)
 
 

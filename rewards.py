@@ -142,12 +142,15 @@ def parse_critic_score(text):
 
 
 class VLMCritic:
-    """Full-scale r_t slot (the paper's LLaVA-Critic): any HF image-text-to-text chat model, asked
-    for a 0-10 score per step. Loads the weights when constructed, so never built in tests."""
+    """Full-scale r_t slot (the paper's LLaVA-Critic): any HF image-text-to-text chat model (an id or a
+    save_pretrained folder with its processor), asked for a 0-10 score per step; a prompt without
+    reference texts has each step graded on its own."""
 
     PROMPT = ("You are grading one step of a multi-step answer.\nReference step: {ref}\nGenerated step: {gen}\n"
               "Rate the generated step for relevance to the reference and for quality, from 0 to 10. "
               "Reply with the score only.")
+    PROMPT_NO_REF = ("You are grading one step of a multi-step answer.\nStep: {gen}\n"
+                     "Rate the step for clarity and quality, from 0 to 10. Reply with the score only.")
 
     def __init__(self, model_name_or_path, device="cpu", max_new_tokens=16):
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -159,10 +162,10 @@ class VLMCritic:
     def step_scores(self, texts, ref_texts):
         scores = []
         for i, text in enumerate(texts):
-            if i >= len(ref_texts):
-                scores.append(0.0)
+            if ref_texts and i >= len(ref_texts):
+                scores.append(0.0)  # steps beyond the reference earn nothing
                 continue
-            prompt = self.PROMPT.format(ref=ref_texts[i], gen=text)
+            prompt = self.PROMPT.format(ref=ref_texts[i], gen=text) if ref_texts else self.PROMPT_NO_REF.format(gen=text)
             chat = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
             inputs = self.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
                                                         return_dict=True, return_tensors="pt").to(self.device)
@@ -374,7 +377,7 @@ def load_openclip_scorer(name, pretrained, device="cpu"):
     `pretrained`), with its own tokenizer and preprocessing. Calibrated as CLIPScore until
     calibrate() is run on matching/mismatched pairs of the target domain."""
     import open_clip
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, device=device)
     return ClipScorer(model, open_clip.get_tokenizer(name), preprocess)
 
 

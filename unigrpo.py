@@ -13,7 +13,7 @@ the warm-up model.
     python unigrpo.py --stage grpo --preset janus-pro-7b --dry_run
 
 Read top to bottom: config, model wrapper, interleaved sampler, log-probs, warm-up, GRPO maths,
-GRPO loop, prepare/checkpoints/storyboards, the --dry_run memory estimate, DDP, main.
+GRPO loop, prepare/checkpoints/storyboards, the --dry_run memory estimate, DDP, FSDP2, main.
 """
 import contextlib, datetime, difflib, importlib.util, json, math, os, random, shutil, sys, tempfile, time
 from ast import literal_eval
@@ -39,6 +39,10 @@ preset = ""               # "" = toy world; janus-pro-1b / janus-pro-7b = paper-
 log_interval = 1          # iterations between log lines / metrics.jsonl rows
 ckpt_interval = 100       # iterations between atomic checkpoints (and always at the end)
 storyboard_interval = 20  # GRPO iterations between storyboards (and always at the end)
+wandb_log = False         # mirror metrics.jsonl to Weights & Biases (WANDB_MODE=offline works); needs wandb
+wandb_project = "unigrpo"
+wandb_run_name = ""       # "" = wandb's own name
+tensorboard = False       # mirror metrics.jsonl as TensorBoard scalars in out_dir/tensorboard; needs tensorboard
 # model
 model = ""                # "" = tiny Janus for the toy world; else an HF id or a local folder
 n_layer = 4               # tiny Janus trunk (toy world only)
@@ -56,9 +60,13 @@ clip_steps = 500
 warmup_iters = 1000
 warmup_batch_size = 32
 warmup_lr = 5e-4          # 2e-3 stalls: the model learns which objects a sentence names, never where they go
+warmup_rise = 50          # warm-up schedule: linear rise over this many iterations, then cosine decay to 0
 n_understanding = 2000    # mix size; interleaved : understanding : t2i = interleaved_ratio : 1 : 1
 interleaved_ratio = 0.3   # the paper's 0.3M : 1M : 1M, kept small on purpose so GRPO has work to do
+cfg_dropout = 0.0         # warm-up: prob. of training an example as CFG's unconditional branch (Janus: 0.1)
 warmup_data = ""          # a JSONL file of real warm-up data (see data.py); "" = toy world mix
+rl_data = ""              # a JSONL file of GRPO prompts (see data.py); "" = toy world prompts
+eval_data = ""            # a JSONL file of evaluation prompts, same format; "" = toy world held-out prompts
 # sampling
 temperature = 1.0
 cfg_scale = 1.0           # classifier-free guidance for image tokens (1 = off); the paper samples with 3
@@ -89,19 +97,23 @@ run_eval_prompts = 96     # held-out prompts per such evaluation and for the bef
 # system
 dtype = "float32"         # float32 | bfloat16: bf16 autocast (GPU); trained weights and AdamW stay float32
 grad_checkpointing = False  # recompute decoder layers in backward: less activation memory (GPU, long rollouts)
+fsdp = False              # under torchrun: shard weights, gradients and AdamW over the ranks (FSDP2), full fine-tunes
 cpu_threads = 0           # torch threads on CPU; 0 = torch's default, one per core (README, "Speed")
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 DEFAULTS = {k: globals()[k] for k in config_keys}
-PRESETS = {  # the paper's recipe, one flag away (see README, "Full scale")
-    "janus-pro-1b": dict(model="deepseek-community/Janus-Pro-1B", image_size=384, patch_size=16, group_size=4,
-                         prompts_per_step=8, lr=1e-6, kl_beta=0.04, inner_epochs=1, dtype="bfloat16",
-                         visual_scorer="openclip:ViT-L-14/openai", max_new_tokens=2600, max_text_tokens=256, cfg_scale=3.0,
-                         grad_checkpointing=True),
-    "janus-pro-7b": dict(model="deepseek-community/Janus-Pro-7B", image_size=384, patch_size=16, group_size=4,
-                         prompts_per_step=4, lr=1e-6, kl_beta=0.04, inner_epochs=1, dtype="bfloat16",
-                         visual_scorer="openclip:ViT-L-14/openai", max_new_tokens=2600, max_text_tokens=256, cfg_scale=3.0,
-                         grad_checkpointing=True),
-}
+# The paper's recipe, one flag away (see README, "Full scale"). Where each number comes from:
+#   GRPO: G = 4, lr 1e-6, k3 KL beta 0.04, CFG 3 when sampling images (the paper); one inner epoch (TRL's default).
+#   warm-up (our choice, not the paper's): lr 1e-5, the usual fine-tuning range for a pretrained model, 100-iteration
+#   rise then cosine, batch 128, 2000 iterations; CFG prompt dropout 0.1 (Janus's way of training CFG, our rate).
+#   critic: Qwen2.5-VL-7B-Instruct for r_t (our choice; the paper used LLaVA-Critic); r_v: open_clip ViT-L/14
+#   (the paper's CLIP-score ablation; ImageReward is --visual_scorer imagereward).
+_FULL = dict(image_size=384, patch_size=16, group_size=4, lr=1e-6, kl_beta=0.04, inner_epochs=1, dtype="bfloat16",
+             visual_scorer="openclip:ViT-L-14/openai", text_critic="Qwen/Qwen2.5-VL-7B-Instruct", max_new_tokens=2600,
+             max_text_tokens=256, cfg_scale=3.0, grad_checkpointing=True, warmup_lr=1e-5, warmup_rise=100,
+             warmup_iters=2000, warmup_batch_size=128, cfg_dropout=0.1, grpo_iters=500, ckpt_interval=50, eval_prompts=1000)
+PRESETS = {"janus-pro-1b": dict(_FULL, model="deepseek-community/Janus-Pro-1B", prompts_per_step=8),
+           "janus-pro-7b": dict(_FULL, model="deepseek-community/Janus-Pro-7B", prompts_per_step=4)}
+PRESET_DATA = {"warmup": "warmup_data", "grpo": "rl_data", "eval": "eval_data"}  # what a preset run needs per stage
 # -----------------------------------------------------------------------------
 
 def get_config(argv):
@@ -152,7 +164,7 @@ RANGES = dict(  # every numeric key: a bad value fails here, not minutes later a
     grpo_iters=_GE1, prompts_per_step=_GE1, group_size=(lambda v: v >= 2, "at least 2 (advantages are relative to the group)"),
     lr=_POS, inner_epochs=_GE1, clip_eps=_POS, kl_beta=(lambda v: v >= 0, "at least 0 (0 = no KL term)"), grad_clip=_POS,
     eval_prompts=_GE1, eval_interval=(lambda v: v >= 0, "at least 0 (0 = no held-out evaluation during GRPO)"),
-    run_eval_prompts=_GE1, cpu_threads=(lambda v: v >= 0, "at least 0 (0 = torch's default)"))
+    run_eval_prompts=_GE1, warmup_rise=_GE0, cfg_dropout=(lambda v: 0 <= v < 1, "in [0, 1)"), cpu_threads=(lambda v: v >= 0, "at least 0 (0 = torch's default)"))
 CHOICES = dict(stage=("prepare", "warmup", "grpo"), loss_type=("sequence", "token"), dtype=("float32", "bfloat16"))
 
 
@@ -249,6 +261,11 @@ class UnifiedModel(torch.nn.Module):
     @property
     def device(self):
         return self.janus.lm_head.weight.device
+
+    def forward(self, fn, *args, **kwargs):
+        """Every computation on the weights enters here (the sampler, teacher-forced log-probs), so FSDP's hooks
+        gather the root's weights around it; without FSDP it is a plain call."""
+        return fn(self, *args, **kwargs)
 
     # inputs ------------------------------------------------------------------
     def encode_prompt(self, segments):
@@ -363,9 +380,15 @@ def load_model(path, device, dtype=torch.float32, lora_rank=None, lora_alpha=16,
     if looks_local(path) and not is_checkpoint(path):
         fail(f"no Janus checkpoint at {path!r} (a folder with config.json from save_pretrained); "
              "run the earlier stage, or pass --model an HF id such as deepseek-community/Janus-Pro-1B")
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
     if four_bit is None:  # QLoRA: the frozen base under adapters in 4 bits, only where bitsandbytes and a GPU are
-        four_bit = bool(lora_rank or (lora_rank is None and is_lora)) and str(device).startswith("cuda") \
-            and importlib.util.find_spec("bitsandbytes") is not None
+        four_bit = bool(lora_rank or (lora_rank is None and is_lora)) and str(device).startswith("cuda")
+        if four_bit and not has_bnb:
+            print("LoRA: bitsandbytes is not installed, so the frozen base loads in --dtype, not 4-bit NF4 "
+                  "(pip install bitsandbytes for QLoRA)")
+        four_bit = four_bit and has_bnb
+    if four_bit and not has_bnb:
+        raise ImportError("4-bit loading (QLoRA) needs bitsandbytes: pip install bitsandbytes (and a CUDA GPU)")
     if is_lora:
         from peft import PeftConfig, PeftModel
         base = PeftConfig.from_pretrained(path).base_model_name_or_path
@@ -449,9 +472,15 @@ def head_logprobs(model, h, image, temperature, h_uncond=None, cfg_scale=1.0):
     return torch.log_softmax(logits / temperature, dim=-1)
 
 
+def sample_interleaved(model, *args, **kwargs):
+    """_sample_interleaved through model.forward, with FSDP's weights gathered once for all decode steps."""
+    with gathered(model):
+        return model(_sample_interleaved, *args, **kwargs)
+
+
 @torch.no_grad()
-def sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max_text_tokens=32, max_images=4, generator=None,
-                       cfg_scale=1.0):
+def _sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max_text_tokens=32, max_images=4, generator=None,
+                        cfg_scale=1.0):
     """Batched interleaved decoding with a KV cache; one forward serves all rows, text-mode rows read the
     LM head, image-mode rows the generation head. The model opens an image with <begin_of_image>; then
     n_image_tokens codes are sampled and <end_of_image> is forced; a row stops at EOS or a limit.
@@ -562,7 +591,12 @@ def decode_rollout(model, ro):
 # Teacher-forced log-probs over both heads (used by warm-up, the policy, and the reference)
 
 
-def sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale=1.0):
+def sequence_logprobs(model, *args, **kwargs):
+    """_sequence_logprobs through model.forward (FSDP's hooks)."""
+    return model(_sequence_logprobs, *args, **kwargs)
+
+
+def _sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale=1.0):
     """log pi(o_t | q, o_<t) of every generated token, with the sampler's temperature and guidance, so that
     on-policy the ratio is exactly 1. The hidden state at <begin_of_image> predicts image code 0. With CFG
     the gradient flows through both branches: the policy optimised is the guided one that sampled."""
@@ -578,7 +612,11 @@ def sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale=
         ids = torch.cat([ids, unconditional_ids(model, ids, is_image)])
         is_image, attn, pos, placeholders = (t.repeat(2, 1) for t in (is_image, attn, pos, placeholders))
         context = context * 2
-    h = model.trunk(model.embed(ids, is_image), attn, pos, None, _stack_context(context, dev), placeholders)
+    pixels = _stack_context(context, dev)
+    h = model.trunk(model.embed(ids, is_image), attn, pos, None, pixels, placeholders)
+    if torch.is_grad_enabled():  # which optional parts this rank's gradient reaches (drop_unused_grads, FSDP)
+        model.grad_paths = getattr(model, "grad_paths", set()) | {k for k, on in (
+            ("vision", pixels is not None), ("image_in", bool(is_image.any())), ("image_out", bool(img.any()))) if on}
     P = ro.prompt_ids.shape[1]
     h = h[:, P - 1:-1]  # hidden states that predict the generated tokens
     logp = torch.zeros(tgt.shape, device=dev)
@@ -618,10 +656,21 @@ def make_batch(model, examples, answers=None):
     return Rollout(prompt_ids, prompt_mask, context, ids, is_image, z, z.float(), mask, torch.ones(len(enc), dtype=torch.bool))
 
 
-def warmup_step(model, opt, examples, answers, cfg):
+def drop_prompts(model, batch, rows):
+    """CFG training (Janus: the prompt's text becomes <pad>): `rows` get the input the sampler's unconditional
+    twin sees (unconditional_ids over prompt and answer) and train only their image tokens."""
+    z = torch.zeros_like(batch.prompt_ids, dtype=torch.bool)
+    batch.prompt_ids[rows] = unconditional_ids(model, batch.prompt_ids, z)[rows]
+    batch.ids[rows] = unconditional_ids(model, batch.ids, batch.is_image)[rows]
+    batch.mask[rows] = batch.mask[rows] * batch.is_image[rows]
+    return batch
+
+
+def warmup_step(model, opt, examples, answers, cfg, drop=None):
     """One stage-1 step: next-token NLL over text and image tokens, the token mean over the global batch.
     The batch runs as length-sorted chunks of 8 (one loss, one gradient): padded together, the task
-    families (~8x apart in length) made ~70% of every batch padding. Returns (loss, sums, grad norm)."""
+    families (~8x apart in length) made ~70% of every batch padding. drop[i]: train example i as CFG's
+    unconditional branch (drop_prompts). Returns (loss, sums, grad norm)."""
     dev = model.device
     size = lambda i: len(answers[i][0]) + sum(len(x.split()) if k == "text" else model.n_context_tokens + 2
                                               for k, x in examples[i].prompt)  # rough, for sorting only
@@ -630,6 +679,8 @@ def warmup_step(model, opt, examples, answers, cfg):
     for j in range(0, len(order), 8):
         chunk = order[j:j + 8]
         batch = make_batch(model, [examples[i] for i in chunk], [answers[i] for i in chunk])
+        if drop is not None and any(drop[i] for i in chunk):
+            batch = drop_prompts(model, batch, torch.tensor([drop[i] for i in chunk]))
         with autocast(cfg, dev):
             logp, _ = sequence_logprobs(model, batch)
         m = batch.mask.to(dev).bool()
@@ -642,12 +693,12 @@ def warmup_step(model, opt, examples, answers, cfg):
     loss = nll / (all_sum(torch.tensor(float(st["n_text"] + st["n_image"]), device=dev)) / world_size())
     if not torch.isfinite(loss):
         raise FloatingPointError(f"warm-up loss is {loss.item()}; lower --warmup_lr (now {cfg.warmup_lr}) or check the data")
-    return loss, st, optimizer_step(opt, loss, cfg.grad_clip)
+    return loss, st, optimizer_step(opt, loss, cfg.grad_clip, model)
 
 
 def warmup_lr_at(cfg, it):
-    """The warm-up's schedule: linear rise over 50 steps, cosine decay to 0 at cfg.warmup_iters."""
-    return cfg.warmup_lr * min(1.0, (it + 1) / 50) * 0.5 * (1 + math.cos(math.pi * it / cfg.warmup_iters))
+    """The warm-up's schedule: linear rise over cfg.warmup_rise steps, cosine decay to 0 at cfg.warmup_iters."""
+    return cfg.warmup_lr * min(1.0, (it + 1) / cfg.warmup_rise) * 0.5 * (1 + math.cos(math.pi * it / cfg.warmup_iters))
 
 
 def warmup_examples(cfg):
@@ -683,12 +734,15 @@ def warmup(cfg, log, mix=None):
             print("warm-up: the toy model trains from scratch, so all of it trains; --lora_rank applies from GRPO on")
     broadcast_from_master(model)
     model = for_training(model, cfg)
+    if cfg.fsdp:
+        model = shard(model)
     mix = mix or warmup_examples(cfg)
     answers = [model.encode_answer(e.answer) for e in tqdm(mix, desc="encode warm-up answers", disable=None)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.warmup_lr, weight_decay=0.0)
-    rng = random.Random(cfg.seed)  # the batch sampler; a resumed run goes on with its saved state
-    start = resume(opt, state, rng)
+    # the batch sampler and CFG's prompt dropout (its own stream: p = 0 draws none); a resumed run goes on with their saved states
+    rng, drop_rng = random.Random(cfg.seed), random.Random(cfg.seed + 2000)
+    start = resume(opt, state, (rng, drop_rng), model)
     trim_metrics(cfg, "warmup", start)
     model.train()
     for it in tqdm(range(start, cfg.warmup_iters), desc="warm-up", initial=start, total=cfg.warmup_iters, disable=None if rank() == 0 else True):
@@ -696,14 +750,16 @@ def warmup(cfg, log, mix=None):
         for g in opt.param_groups:
             g["lr"] = lr_it
         t0 = time.time()
-        pick = rng.sample(range(len(mix)), min(cfg.warmup_batch_size, len(mix)))[rank()::world_size()]  # the global batch, this rank's share
-        loss, st, gn = warmup_step(model, opt, [mix[i] for i in pick], [answers[i] for i in pick], cfg)
+        pick = rng.sample(range(len(mix)), min(cfg.warmup_batch_size, len(mix)))  # the global batch
+        drop = [drop_rng.random() < cfg.cfg_dropout for _ in pick] if cfg.cfg_dropout > 0 else None
+        pick, drop = pick[rank()::world_size()], drop and drop[rank()::world_size()]  # this rank's share
+        loss, st, gn = warmup_step(model, opt, [mix[i] for i in pick], [answers[i] for i in pick], cfg, drop)
         if it % cfg.log_interval == 0 or it == cfg.warmup_iters - 1:
             row = dict(loss=loss.item(), loss_text=st["nll_text"] / max(st["n_text"], 1),
                        loss_image=st["nll_image"] / max(st["n_image"], 1), grad_norm=gn.item(), lr=lr_it, sec=time.time() - t0)
             log(dict(stage="warmup", iter=it, **mean_over_ranks(row, dict(loss_text=st["n_text"], loss_image=st["n_image"]))))
         if (it + 1) % cfg.ckpt_interval == 0 or it + 1 == cfg.warmup_iters:
-            save_checkpoint(model, ckpt, trainer_state(opt, it + 1, rng, cfg))
+            save_checkpoint(model, ckpt, trainer_state(opt, it + 1, cfg, (rng, drop_rng), model))
     model.eval()
     write_storyboard(model, cfg, "warmup", cfg.warmup_iters)
 
@@ -809,19 +865,23 @@ def grpo(cfg, log):
         check_resume(cfg, state, "grpo", ckpt)  # before any model is loaded
     torch.manual_seed(cfg.seed)
     # float32 master weights under bf16 autocast; with LoRA only the adapters train, so the base may be in --dtype
-    dtype = getattr(torch, cfg.dtype)
-    pdtype = dtype if cfg.lora_rank else torch.float32
+    pdtype = getattr(torch, cfg.dtype) if cfg.lora_rank else torch.float32
     policy = load_model(ckpt, dev, pdtype) if state else load_model(init, dev, pdtype, cfg.lora_rank, cfg.lora_alpha)
     policy = for_training(policy, cfg)
+    if cfg.fsdp:
+        policy = shard(policy)
     lora = getattr(policy, "lora", None) is not None
     if state and lora != (cfg.lora_rank > 0):
         fail(f"{ckpt} was trained {'with' if lora else 'without'} LoRA; resume with the same --lora_rank or use a new --out_dir")
-    # the reference: with LoRA the policy's own base (adapters off), else a copy in --dtype; none if kl_beta = 0
-    ref = None if cfg.kl_beta <= 0 else policy if lora else load_model(init, dev, dtype, 0).requires_grad_(False)
+    # the reference: with LoRA the policy's own base (adapters off), else a copy with the policy's dtypes (float32
+    # weights under autocast: a bf16 copy would make KL > 0 at step 0); none if kl_beta = 0
+    ref = None if cfg.kl_beta <= 0 else policy if lora else load_model(init, dev, pdtype, 0).requires_grad_(False)
+    if cfg.fsdp and ref is not None:
+        ref = shard(ref, reshard_root=True)
     critic, scorer = build_scorers(cfg, policy.tokenizer, dev)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     prompts_pool, rng = rl_prompts(cfg), random.Random(cfg.seed + 1000)  # the prompt sampler, saved in checkpoints
-    start = resume(opt, state, rng)
+    start = resume(opt, state, (rng,), policy)
     for g in opt.param_groups:  # --lr wins over the lr saved with AdamW's state (check_resume said so if it changed)
         g["lr"] = cfg.lr
     if state:
@@ -843,7 +903,7 @@ def grpo(cfg, log):
         if it % cfg.log_interval == 0 or it + 1 == cfg.grpo_iters:
             log({"stage": "grpo", "iter": it, **metrics})
         if (it + 1) % cfg.ckpt_interval == 0 or it + 1 == cfg.grpo_iters:
-            save_checkpoint(policy, ckpt, trainer_state(opt, it + 1, rng, cfg))
+            save_checkpoint(policy, ckpt, trainer_state(opt, it + 1, cfg, (rng,), policy))
         if (it + 1) % cfg.storyboard_interval == 0 or it + 1 == cfg.grpo_iters:
             write_storyboard(policy, cfg, "grpo", it + 1)
     if cfg.eval_interval and start < cfg.grpo_iters:
@@ -870,7 +930,8 @@ def print_before_after(cfg, after, evaluate_warmup):
     rows = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "metrics.jsonl"))]
     before = next((r for r in rows if r.get("stage") == "grpo" and r["iter"] == 0 and "eval/oracle_step" in r), None)
     before = {k[5:]: v for k, v in before.items() if k.startswith("eval/")} if before else evaluate_warmup()
-    cols = ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "understanding_acc", "t2i_acc")
+    cols = [c for c in ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "understanding_acc", "t2i_acc")
+            if c in before and c in after]  # real prompts (--eval_data) have no oracle columns
     print(f"\nheld-out prompts ({cfg.run_eval_prompts} interleaved, {cfg.run_eval_prompts} understanding, "
           f"{cfg.run_eval_prompts} text-to-image; one sample each, temperature {cfg.temperature}):")
     print(f"{'':8}" + "".join(f"{c:>18}" for c in cols))
@@ -902,7 +963,7 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
     t2 = time.time()
     with amp():
         ref_logp = reference_logprobs(ref, ro, cfg) if ref is not None else None  # once per batch
-    old_logp, mask = ro.logp.to(dev), ro.mask.to(dev)  # old log-probs come from the sampler, not recomputed
+    mask = ro.mask.to(dev)
     # 'token' loss: ranks hold different token counts, so each divides by the global count / world size
     # and the rank-averaged gradient is the global token mean's ('sequence': equal rows per rank suffice)
     n_tokens = all_sum(mask.sum()) / world_size()
@@ -913,12 +974,14 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
     for epoch in range(cfg.inner_epochs):
         with amp():
             logp, ent = sequence_logprobs(policy, ro, cfg.temperature, with_entropy=epoch == 0, cfg_scale=cfg.cfg_scale)
+        if epoch == 0:  # pi_old: this forward of the policy that sampled, not the KV-cache decode's (bf16: they differ)
+            old_logp = logp.detach()
         loss, st = grpo_loss(logp, old_logp, ref_logp if ref_logp is not None else logp.detach(), adv, mask,
                              cfg.clip_eps, cfg.kl_beta, cfg.loss_type, n_tokens)
         if all_sum(torch.isfinite(loss).float()) < world_size():  # every rank stops together
             break
-        gn = optimizer_step(opt, loss, cfg.grad_clip)
-        if epoch == 0:  # KL and entropy of the policy that sampled (the ratio is 1 here)
+        gn = optimizer_step(opt, loss, cfg.grad_clip, policy)
+        if epoch == 0:  # KL and entropy of the policy that sampled (the ratio is exactly 1 here)
             first = dict(entropy=(ent * mask).sum().item() / mask.sum().item(), kl=st["kl"])
     policy.eval()
     t4 = time.time()
@@ -941,8 +1004,10 @@ def evaluate(model, critic, scorer, cfg, n, seed=0):
     and by the hybrid reward. Every prompt draws its own noise from (seed, its index), so two checkpoints
     evaluated with one seed are compared on common random numbers."""
     make = lambda task, k: data.make_examples(task, k, "eval", seed=cfg.seed, image_size=cfg.image_size)
-    inter = [e for t in data.INTERLEAVED for e in make(t, max(1, n // 3))]
-    examples, rows = inter + make("understanding", n) + make("t2i", n), []
+    if cfg.eval_data:  # real prompts: rewards only (the oracle knows the toy world alone)
+        examples, rows = data.load_prompts(cfg.eval_data)[:n], []
+    else:
+        examples, rows = [e for t in data.INTERLEAVED for e in make(t, max(1, n // 3))] + make("understanding", n) + make("t2i", n), []
     for i in range(0, len(examples), 32):
         ex = examples[i:i + 32]
         gens = [torch.Generator(model.device).manual_seed(seed * 1_000_003 + i + j) for j in range(len(ex))]
@@ -957,18 +1022,21 @@ def evaluate(model, critic, scorer, cfg, n, seed=0):
             elif e.task == "t2i":
                 rows.append(dict(task=e.task, t2i_acc=float(first("image") is not None and data.parse_image(first("image")) == e.states[0])))
             else:
-                o = data.oracle_step_scores(segs, e.states)
-                rows.append(dict(task=e.task, oracle_step=sum(s for _, _, s in o) / len(o), oracle_text=sum(t for t, _, _ in o) / len(o),
-                                 oracle_image=sum(m for _, m, _ in o) / len(o), format=float(sc["format"][j]), text=float(sc["text"][j]),
+                o = data.oracle_step_scores(segs, e.states)  # [] for a real prompt
+                oracle = dict(oracle_step=sum(s for _, _, s in o) / len(o), oracle_text=sum(t for t, _, _ in o) / len(o),
+                              oracle_image=sum(m for _, m, _ in o) / len(o)) if o else {}
+                rows.append(dict(task=e.task, **oracle, format=float(sc["format"][j]), text=float(sc["text"][j]),
                                  visual=float(sc["visual"][j]), reward=float(sc["reward"][j]), images=sum(k == "image" for k, _ in segs)))
-    mean = lambda key, task=None: (lambda v: sum(v) / len(v))([r[key] for r in rows if key in r and task in (None, r["task"])])
-    out = {k: mean(k) for k in ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "text", "visual", "images",
-                                "understanding_acc", "t2i_acc")}
-    return {**out, **{f"oracle_step/{t}": mean("oracle_step", t) for t in data.INTERLEAVED}}
+    keys = ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "text", "visual", "images", "understanding_acc", "t2i_acc")
+    out = {**{k: [r[k] for r in rows if k in r] for k in keys},
+           **{f"oracle_step/{t}": [r["oracle_step"] for r in rows if r["task"] == t and "oracle_step" in r] for t in data.INTERLEAVED}}
+    return {k: sum(v) / len(v) for k, v in out.items() if v}
 
 
 def rl_prompts(cfg):
-    """GRPO prompts: the interleaved task families from the RL split (never seen in warm-up)."""
+    """GRPO prompts: --rl_data, or the toy task families of rl_tasks from the RL split (never seen in warm-up)."""
+    if cfg.rl_data:
+        return data.load_prompts(cfg.rl_data)
     return [e for task in cfg.rl_tasks.split(",")
             for e in data.make_examples(task, 400, "rl", seed=cfg.seed, image_size=cfg.image_size)]
 
@@ -1073,6 +1141,8 @@ def save_checkpoint(model, path, state):
     """Full weights, or a LoRA model's adapters alone (a few MB for 7B), whose adapter_config.json names their
     base (relative to `path` when local, so out_dir can move); load_model reads either kind. The master
     writes; the others wait, so that none reads a checkpoint still being written."""
+    full = full_state_dict(model)  # FSDP: every rank takes part in the gather
+
     def write(d):
         if getattr(model, "lora", None) is not None:
             conf = model.lora.peft_config["default"]
@@ -1081,7 +1151,7 @@ def save_checkpoint(model, path, state):
             model.lora.save_pretrained(d, save_embedding_layers=False)  # False: "auto" would query the hub
             conf.base_model_name_or_path = base
         else:
-            model.janus.save_pretrained(d)
+            model.janus.save_pretrained(d, state_dict=full)  # an ordinary folder, sharded run or not
         model.tokenizer.save_pretrained(d)
         torch.save(state, os.path.join(d, "trainer_state.pt"))
     if rank() == 0:
@@ -1089,22 +1159,24 @@ def save_checkpoint(model, path, state):
     barrier()
 
 
-def trainer_state(opt, it, sampler, cfg):
-    """What a run needs to resume as if never stopped, besides the weights: the iteration, AdamW's moments,
-    the prompt sampler's and torch's RNG, and the config that shaped it (checked on resume)."""
-    return dict(iter=it, optimizer=opt.state_dict(), rng=torch.get_rng_state(), sampler=sampler.getstate(),
+def trainer_state(opt, it, cfg, samplers=(), model=None):
+    """What a run needs to resume as if never stopped, besides the weights: the iteration, AdamW's moments
+    (gathered by name under FSDP), the prompt samplers' and torch's RNG, and the config that shaped it."""
+    return dict(iter=it, optimizer=optimizer_state(model, opt), rng=torch.get_rng_state(),
+                samplers=[s.getstate() for s in samplers],
                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None, config=vars(cfg))
 
 
 # how a run is driven or logged, not what it computes: free to change on resume
 RESUME_FREE = {"out_dir", "stage", "dry_run", "preset", "log_interval", "ckpt_interval", "storyboard_interval", "eval_prompts",
-               "eval_interval", "run_eval_prompts", "device", "cpu_threads", "grad_checkpointing"}
+               "eval_interval", "run_eval_prompts", "eval_data", "device", "cpu_threads", "grad_checkpointing", "fsdp",
+               "wandb_log", "wandb_project", "wandb_run_name", "tensorboard"}
 RESUME_NOTED = {"lr", "warmup_lr", "grpo_iters", "warmup_iters"}  # accepted with a note: they apply from the resume point
-ONLY_BEFORE_GRPO = {"model", "vq_steps", "clip_steps", "warmup_iters", "warmup_batch_size", "warmup_lr", "n_understanding",
-                    "interleaved_ratio", "warmup_data"}  # shaped the prepared world and the warm-up, done by now
+ONLY_BEFORE_GRPO = {"model", "vq_steps", "clip_steps", "warmup_iters", "warmup_batch_size", "warmup_lr", "warmup_rise",
+                    "n_understanding", "interleaved_ratio", "warmup_data", "cfg_dropout"}  # shaped the prepared world and the warm-up, done by now
 ONLY_GRPO = {"temperature", "cfg_scale", "max_new_tokens", "max_text_tokens", "max_images", "grpo_iters", "prompts_per_step",
              "group_size", "lr", "inner_epochs", "clip_eps", "kl_beta", "loss_type", "use_format_reward", "use_text_reward",
-             "use_visual_reward", "process_reward", "visual_scorer", "text_critic", "rl_tasks"}
+             "use_visual_reward", "process_reward", "visual_scorer", "text_critic", "rl_tasks", "rl_data"}
 
 
 def check_resume(cfg, state, stage, path):
@@ -1123,18 +1195,19 @@ def check_resume(cfg, state, stage, path):
         print(f"{stage}: --{k}={getattr(cfg, k)!r} (the checkpoint's run had {saved[k]!r}): applies from iter {state['iter']} on")
 
 
-def resume(opt, state, sampler):
-    """Restore a trainer_state into the optimizer, torch's RNG and the prompt sampler; the iteration to go on from."""
+def resume(opt, state, samplers=(), model=None):
+    """Restore a trainer_state into the optimizer, torch's RNG and the prompt samplers; the iteration to go on from."""
     if not state:
         return 0
-    opt.load_state_dict(state["optimizer"])
+    load_optimizer_state(model, opt, state["optimizer"])
     torch.set_rng_state(state["rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    if "sampler" in state:
-        sampler.setstate(state["sampler"])
+    if len(state.get("samplers", ())) == len(samplers):
+        for s, saved in zip(samplers, state.get("samplers", ())):
+            s.setstate(saved)
     else:
-        print("resume: an older checkpoint without the prompt sampler's state; the prompt stream starts again")
+        print("resume: an older checkpoint without the prompt samplers' states; the prompt stream starts again")
     return state["iter"]
 
 
@@ -1168,13 +1241,18 @@ def load_state(path):
 
 
 def write_storyboard(model, cfg, stage_name, it, n=6):
-    """Sample a few held-out prompts; data.save_storyboard draws them (master only)."""
-    if rank() > 0:
+    """Sample a few held-out prompts; data.save_storyboard draws them (master only; under FSDP every rank
+    samples, since gathering the weights is a collective)."""
+    if rank() > 0 and not is_sharded(model.parameters()):
         return
-    examples = [e for task in ("story", "howto") for e in data.make_examples(task, n // 2, "eval", seed=cfg.seed, image_size=cfg.image_size)]
+    files = [f for f in (cfg.eval_data, cfg.rl_data) if f]
+    examples = data.load_prompts(files[0])[:n] if files else [
+        e for task in ("story", "howto") for e in data.make_examples(task, n // 2, "eval", seed=cfg.seed, image_size=cfg.image_size)]
     gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
     ro = sample_interleaved(model, [e.prompt for e in examples], cfg.temperature, cfg.max_new_tokens, cfg.max_text_tokens, cfg.max_images,
                             generator=gen, cfg_scale=cfg.cfg_scale)
+    if rank() > 0:
+        return
     os.makedirs(os.path.join(cfg.out_dir, "storyboards"), exist_ok=True)
     data.save_storyboard(os.path.join(cfg.out_dir, "storyboards", f"{stage_name}_{it:05d}"), f"{stage_name} iter {it}",
                          [(" ".join(x for k, x in e.prompt if k == "text"), segs) for e, (segs, _) in zip(examples, decode_rollout(model, ro))])
@@ -1186,15 +1264,43 @@ def resolve_device(cfg):
     return cfg.device
 
 
+def trackers(cfg):
+    """Optional mirrors of metrics.jsonl (the source of truth), imported only when asked for: one callable per row."""
+    sinks, scalars = [], lambda row: {k: v for k, v in row.items() if type(v) in (int, float)}
+    if cfg.wandb_log:
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: --wandb_log needs the wandb package: pip install wandb") from None
+        run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=vars(cfg), dir=cfg.out_dir)
+        sinks.append(lambda row: run.log({f"{row['stage']}/{k}": v for k, v in scalars(row).items()}))
+    if cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise SystemExit("error: --tensorboard needs the tensorboard package: pip install tensorboard") from None
+        writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+
+        def scalars_to_tb(row):
+            for k, v in scalars(row).items():
+                writer.add_scalar(f"{row['stage']}/{k}", v, row["iter"])
+            writer.flush()
+        sinks.append(scalars_to_tb)
+    return sinks
+
+
 def make_logger(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
     path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    sinks = trackers(cfg) if rank() == 0 else []
 
     def log(row):  # rows arrive already averaged over ranks; the master writes them
         if rank() > 0:
             return
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        for sink in sinks:
+            sink(row)
         keys = ("loss", "reward", "rewards/format/mean", "rewards/text/mean", "rewards/visual/mean", "kl", "clip_ratio",
                 "eval/oracle_step", "eval/reward", "eval/format", "eval/understanding_acc", "eval/t2i_acc")
         msg = " ".join(f"{k.split('/')[1] if '/' in k else k} {row[k]:.4f}" for k in keys if k in row)
@@ -1226,8 +1332,8 @@ def janus_pro_config(name):
 
 
 def memory_estimate(cfg):
-    """Bytes per GPU, (full fine-tune, LoRA) per row, from the architecture alone: the model is built on
-    the meta device, so no weights are loaded and nothing is downloaded. None for an unknown model."""
+    """Bytes per GPU, (full fine-tune under DDP, full under FSDP, LoRA) per row, from the architecture alone: the
+    model is built on the meta device, so no weights are loaded and nothing is downloaded. None for an unknown model."""
     from transformers import JanusConfig, JanusForConditionalGeneration
     name = cfg.model.rstrip("/").rsplit("/", 1)[-1].lower()
     if name in JANUS_PRO:
@@ -1239,7 +1345,9 @@ def memory_estimate(cfg):
     with torch.device("meta"):
         janus = JanusForConditionalGeneration(config)
     n_all = sum(p.numel() for p in janus.parameters())
-    n_train = n_all - sum(p.numel() for p in janus.model.vqmodel.parameters())  # the VQ stays frozen
+    n_vq = sum(p.numel() for p in janus.model.vqmodel.parameters())
+    n_train = n_all - n_vq  # the VQ stays frozen (and whole on every rank under FSDP)
+    n_layers = sum(p.numel() for p in janus.model.language_model.layers.parameters())
     lora_r = cfg.lora_rank or 64  # the LoRA column assumes rank 64 when LoRA is off
     n_lora = sum(lora_r * (m.in_features + m.out_features) for m in janus.model.language_model.layers.modules()
                  if isinstance(m, torch.nn.Linear))  # adapters on every linear layer of the trunk
@@ -1253,13 +1361,19 @@ def memory_estimate(cfg):
     acts = rows * T * (L * H * a + layer if cfg.grad_checkpointing else L * layer)
     # float32 logits, their temperature-scaled copy and the log-softmax kept for backward: ~12 bytes each
     logits = rows * ((cfg.max_new_tokens - n_img) * lm.vocab_size + n_img * config.vq_config.num_embeddings) * 12
-    table = {"weights": (4 * n_all, a * n_all + 4 * n_lora), "gradients": (4 * n_train, 4 * n_lora),
-             "AdamW states": (8 * n_train, 8 * n_lora), "reference model": (a * n_all * (cfg.kl_beta > 0), 0),
-             "activations": (acts, acts), "logits": (logits, logits), "sampling KV cache": (2 * L * rows * T * kv_dim * a,) * 2}
+    shard = 4 * n_train / world + 4 * n_vq  # FSDP: float32 weights split over the ranks, the VQ whole
+    table = {"weights": (4 * n_all, shard, a * n_all + 4 * n_lora), "gradients": (4 * n_train, 4 * n_train / world, 4 * n_lora),
+             "AdamW states": (8 * n_train, 8 * n_train / world, 8 * n_lora),
+             "reference model": (4 * n_all * (cfg.kl_beta > 0), shard * (cfg.kl_beta > 0), 0),
+             "activations": (acts,) * 3, "logits": (logits,) * 3, "sampling KV cache": (2 * L * rows * T * kv_dim * a,) * 3,
+             # FSDP gathers float32 weights: the root and ~2 layers during the update, everything while sampling
+             "gathered (FSDP): update": (0, 4 * (n_train - n_layers + 2 * n_layers / L), 0),
+             "gathered (FSDP): sampling": (0, 4 * n_train, 0)}
     peak = tuple(sum(table[k][i] for k in ("weights", "gradients", "AdamW states", "reference model"))
-                 + max(table["activations"][i] + table["logits"][i], table["sampling KV cache"][i]) for i in (0, 1))
+                 + max(table["activations"][i] + table["logits"][i] + table["gathered (FSDP): update"][i],
+                       table["sampling KV cache"][i] + table["gathered (FSDP): sampling"][i]) for i in range(3))
     return dict(name=name, params=n_all, lora_params=n_lora, lora_rank=lora_r, world=world, rows=rows, tokens=T,
-                table=table, peak=peak, selected="LoRA" if cfg.lora_rank else "full fine-tune")
+                table=table, peak=peak, selected="LoRA" if cfg.lora_rank else "FSDP" if cfg.fsdp else "full fine-tune")
 
 
 def format_memory(est):
@@ -1268,14 +1382,15 @@ def format_memory(est):
     gb = lambda pair: "".join(f"{x / 1e9:14.1f}" for x in pair)
     lines = [f"memory per GPU on paper, GB: {est['name']} ({est['params'] / 1e9:.2f}B parameters), {est['world']} GPU(s) "
              f"(WORLD_SIZE), {est['rows']} rollouts per GPU of up to {est['tokens']} tokens",
-             f"{'this config: ' + est['selected']:30}{'full fine-tune':>14}{'LoRA r=' + str(est['lora_rank']):>14}"]
+             f"{'this config: ' + est['selected']:30}{'full (DDP)':>14}{'full (FSDP)':>14}{'LoRA r=' + str(est['lora_rank']):>14}"]
     lines += [f"{k:30}{gb(v)}" for k, v in est["table"].items()] + [f"{'peak':30}{gb(est['peak'])}"]
     return "\n".join(lines + [
-        f"full: float32 weights, gradients, AdamW (bf16 autocast), a --dtype reference copy; LoRA: the base in --dtype, "
+        f"full: float32 weights, gradients, AdamW (bf16 autocast), a float32 reference copy; DDP keeps them on every GPU, "
+        f"--fsdp splits them over the {est['world']} GPU(s) (the frozen VQ stays whole); LoRA: the base in --dtype, "
         f"{est['lora_params'] / 1e6:.0f}M float32 adapter weights on the trunk's linear layers, no reference copy (adapters off).",
         "activations: saved per token (only layer inputs with --grad_checkpointing), SDPA; peak = resident + the larger of "
-        "activations + logits and the sampling KV cache; not counted: reward models (ViT-L-14 ~1.7 GB), CUDA context.",
-        "FSDP is not implemented: DDP keeps all of the above on every GPU; where full fine-tune exceeds 80 GB, use --lora_rank."])
+        "activations + logits (+ FSDP's gathered root and layers) and the sampling KV cache (+ FSDP's gathered weights); "
+        "not counted: reward models (ViT-L-14 ~1.7 GB, a 7B critic ~16 GB in bf16), CUDA context, fragmentation."])
 
 
 # -----------------------------------------------------------------------------
@@ -1352,15 +1467,99 @@ def average_gradients(params):
         p.grad /= world_size()
 
 
-def optimizer_step(opt, loss, grad_clip):
+def optimizer_step(opt, loss, grad_clip, model=None):
     """backward, gradients averaged over ranks, clipped, one AdamW step; returns the norm before clipping."""
     params = [p for g in opt.param_groups for p in g["params"]]
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    average_gradients(params)
+    if is_sharded(params):  # FSDP has reduce-scattered the mean gradient; only None must be restored
+        drop_unused_grads(model)
+    else:
+        average_gradients(params)
     gn = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     opt.step()
-    return gn
+    return gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+
+
+# -----------------------------------------------------------------------------
+# FSDP2 (--fsdp): fully_shard over each decoder layer of the trunk, then the root; full fine-tunes only
+
+
+def shard(model, reshard_root=False):
+    """Shard weights (then gradients and AdamW states) over the ranks: each decoder layer is a unit (gathered
+    for its forward and backward), the root holds the rest (embeddings, heads, vision; gathered around
+    model.forward). The frozen VQ stays whole on every rank: encode_answer and decode_rollout use it outside."""
+    from torch.distributed.fsdp import fully_shard
+    for layer in model.janus.model.language_model.layers:
+        fully_shard(layer)
+    fully_shard(model, ignored_params=set(model.janus.model.vqmodel.parameters()),
+                reshard_after_forward=True if reshard_root else None)  # the reference has no backward to reshard it
+    model.set_reduce_scatter_unused_params(True)  # ranks leave different heads unused: every rank reduces every one
+    return model
+
+
+def is_sharded(params):
+    return any(type(p).__name__ == "DTensor" for p in params)
+
+
+# the parts a batch may leave unused (no context image, no image token), by janus parameter name
+OPTIONAL_PATHS = {"vision": ("model.vision_model.", "model.aligner."),
+                  "image_in": ("model.generation_embeddings.", "model.generation_aligner."),
+                  "image_out": ("model.generation_head.",)}
+
+
+def drop_unused_grads(model):
+    """FSDP gave a zero gradient to what no rank used (_sequence_logprobs records what each rank's forwards
+    used); one process leaves it None, and AdamW skips it (no step, no moment decay)."""
+    used = all_sum(torch.tensor([float(k in model.grad_paths) for k in OPTIONAL_PATHS]))
+    model.grad_paths = set()
+    for (k, prefixes), u in zip(OPTIONAL_PATHS.items(), used.tolist()):
+        for name, p in model.janus.named_parameters():
+            if u == 0 and name.startswith(prefixes):
+                p.grad = None
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Sampling under FSDP: each unit's weights are gathered at the first decode step and kept until the end, so
+    ranks whose rollouts end at different steps run no collective in the loop. Plain models: nothing."""
+    from torch.distributed.fsdp import FSDPModule
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # the root's default: kept for backward
+
+
+def full_state_dict(model):
+    """Under FSDP: the full weights (janus' keys) on the master, {} elsewhere (a collective); else None."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if not is_sharded(model.parameters()):
+        return None
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    tied = {n for n, _ in model.janus.named_parameters(remove_duplicate=False)} - {n for n, _ in model.janus.named_parameters()}
+    return {k[len("janus."):]: v for k, v in sd.items() if k.startswith("janus.") and k[len("janus."):] not in tied}
+
+
+def optimizer_state(model, opt):
+    """AdamW's state for trainer_state.pt: gathered to the master under FSDP (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    if model is None or not is_sharded(model.parameters()):
+        return opt.state_dict()
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, opt, sd):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    if model is None or not is_sharded(model.parameters()):
+        return opt.load_state_dict(sd)
+    set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True))  # every rank read it
 
 
 def autocast(cfg, dev):
@@ -1388,6 +1587,23 @@ def finished(cfg, name):
     return bool(state) and is_checkpoint(path) and state["iter"] >= (cfg.warmup_iters if name == "warmup" else cfg.grpo_iters)
 
 
+def check_data(cfg, todo):
+    """A preset trains and evaluates on real data: each stage to run needs its file, checked before any work
+    (GRPO and evaluation prompts line by line: a bad line should not surface after the warm-up)."""
+    for name in todo:
+        key = PRESET_DATA.get(name)
+        if key is None or (name != cfg.stage and finished(cfg, name)):
+            continue
+        path = getattr(cfg, key)
+        if cfg.preset and not path:
+            raise SystemExit(f"error: --preset {cfg.preset} runs the {name} stage on real data: pass --{key} FILE "
+                             "(JSONL, format at the top of data.py; example files in tests/data/)")
+        if path and not os.path.isfile(path):
+            raise SystemExit(f"error: --{key} {path!r}: no such file")
+        if path and key != "warmup_data":
+            data.load_prompts(path, check_only=True)
+
+
 def main(argv=None):
     cfg = get_config(sys.argv[1:] if argv is None else argv)
     if cfg.dry_run:
@@ -1401,6 +1617,12 @@ def main(argv=None):
         torch.set_num_threads(cfg.cpu_threads)
     order = ["prepare", "warmup", "grpo"]
     todo = order[: order.index(cfg.stage) + 1]
+    check_data(cfg, todo)
+    if cfg.fsdp and (not ddp or cfg.lora_rank):
+        fail("--fsdp shards a full fine-tune over torchrun's processes: launch with torchrun, "
+             "without --lora_rank (LoRA's trainable part is small: plain DDP replicates it)")
+    if cfg.fsdp and "warmup" in todo and cfg.warmup_batch_size % world_size():  # equal shares: the same collectives
+        fail(f"--fsdp needs --warmup_batch_size={cfg.warmup_batch_size} divisible by the number of processes ({world_size()})")
     if "grpo" in todo and cfg.prompts_per_step % world_size():  # before any work
         fail(f"--prompts_per_step={cfg.prompts_per_step} must be divisible by the number of processes "
              f"({world_size()}): each rank samples whole groups; change it or --nproc_per_node")

@@ -1,17 +1,21 @@
-"""GPU check (not collected by pytest: no test_ prefix). A few warm-up and GRPO steps on one CUDA device
-with the toy world's tiny Janus and with the Janus-Pro-1B architecture (random weights, built from
-unigrpo.janus_pro_config: nothing is downloaded); prints step time and peak memory in one table.
+"""GPU check (not collected by pytest: no test_ prefix). A few warm-up and GRPO steps with the toy world's tiny
+Janus and with the Janus-Pro-1B architecture (random weights, built from unigrpo.janus_pro_config: nothing is
+downloaded), in the preset's shape; prints step time and peak memory in one table.
 
-    python tests/gpu_check.py                  # needs CUDA: the tiny config, then Janus-Pro-1B
-    python tests/gpu_check.py --device cpu     # smoke run of the tiny config on CPU (no memory column)
+    python tests/gpu_check.py                                        # one CUDA device: tiny, then Janus-Pro-1B
+    torchrun --standalone --nproc_per_node=8 tests/gpu_check.py --fsdp   # FSDP2 over the visible GPUs (nccl)
+    python tests/gpu_check.py --device cpu                           # smoke run of the tiny config on CPU
+    torchrun --standalone --nproc_per_node=2 tests/gpu_check.py --device cpu --fsdp   # the FSDP path on gloo
 
-The 1B run uses the paper-scale settings that matter for memory: bf16 autocast over float32 weights
-and AdamW, gradient checkpointing, a bf16 reference model, G = 4, one image of 24x24 = 576 codes per
-rollout (random weights: <begin_of_image> is made likely so that the image head works too).
+The 1B run uses the janus-pro-1b preset's settings (bf16 autocast over float32 weights and AdamW, gradient
+checkpointing, a float32 reference under the same autocast, G = 4, CFG 3 with the warm-up's prompt dropout
+0.1), with one image of 24x24 = 576 codes per rollout (random weights: <begin_of_image> is made likely so
+that the image head works too). Peak memory is the largest over the ranks.
 """
 import argparse
 import copy
 import os
+import random
 import sys
 import time
 
@@ -45,10 +49,21 @@ def build(name, dev):
     return unigrpo.UnifiedModel(janus, tok), cfg, 11.0  # random logits over 102400 words: boi needs a large bias
 
 
-def run(name, dev, steps):
+def peak_over_ranks():
+    t = torch.tensor(float(torch.cuda.max_memory_allocated()), device="cuda")
+    if unigrpo.world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item()
+
+
+def run(name, dev, steps, fsdp):
+    torch.manual_seed(0)  # the same random weights on every rank
     policy, cfg, boi_bias = build(name, dev)
+    unigrpo.broadcast_from_master(policy)
     policy = unigrpo.for_training(policy, cfg)
-    ref = copy.deepcopy(policy).to(getattr(torch, cfg.dtype)).requires_grad_(False).eval()  # as grpo() holds it
+    ref = copy.deepcopy(policy).requires_grad_(False).eval()  # float32 under the same autocast, as grpo() holds it
+    if fsdp:
+        policy, ref = unigrpo.shard(policy), unigrpo.shard(ref, reshard_root=True)
     favour_images(policy, boi_bias)
     favour_images(ref, boi_bias)
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -59,8 +74,10 @@ def run(name, dev, steps):
 
     answers = [policy.encode_answer(e.answer) for e in mix]
 
+    rng = random.Random(0)
+
     def warmup_step():  # returns nothing: only GRPO rows print metrics
-        unigrpo.warmup_step(policy, opt, mix, answers, cfg)
+        unigrpo.warmup_step(policy, opt, mix, answers, cfg, [rng.random() < cfg.cfg_dropout for _ in mix])
 
     def score(ro, group):  # a synthetic reward: low image codes and short text (no reward models needed)
         live = ro.mask.bool()
@@ -79,7 +96,7 @@ def run(name, dev, steps):
             if dev == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
-        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if dev == "cuda" else "-"
+        peak = f"{peak_over_ranks() / 2**30:.1f}" if dev == "cuda" else "-"
         extra = f"image tokens/rollout {out['completions/mean_image_tokens']:.0f}, loss {out['loss']:.4f}" if out else ""
         # the first step pays for kernel selection and allocator growth: report the mean of the rest
         rows.append((name, phase, sum(times[1:]) / max(1, len(times) - 1), peak, extra))
@@ -94,19 +111,25 @@ def main():
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--skip_1b", action="store_true")
+    ap.add_argument("--fsdp", action="store_true", help="shard with FSDP2 over torchrun's processes")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing was measured. "
                  "Run it on a GPU machine, or `python tests/gpu_check.py --device cpu` for a smoke run of the tiny config.")
     if args.device == "cpu":
         torch.set_num_threads(1)
+    if args.fsdp and not unigrpo.ddp_init(unigrpo.get_config([f"--device={args.device}"])):
+        sys.exit("gpu_check: --fsdp shards over torchrun's processes; launch it with torchrun (see the docstring)")
     names = ["tiny"] + ([] if args.skip_1b or args.device == "cpu" else ["janus-pro-1b"])
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"device: {where}, torch {torch.__version__}, {args.steps} steps per phase")
+    print(f"device: {unigrpo.world_size()} x {where}{' (FSDP)' if args.fsdp else ''}, torch {torch.__version__}, "
+          f"{args.steps} steps per phase")
     print(f"| config | phase | s/step | peak GiB (max_memory_allocated) | |\n|---|---|---|---|---|")
     for name in names:
-        for row in run(name, args.device, args.steps):
+        for row in run(name, args.device, args.steps, args.fsdp):
             print("| {} | {} | {:.2f} | {} | {} |".format(*row), flush=True)
+    if args.fsdp:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ script, never the files. Images are 16x16 PNGs, each a distinct colour with a da
   ROOT/mmie/scorer_layout.json   the official scorer's input layout ("model": "gt"), 3 records
   ROOT/interleavedbench/interleaved_bench.json   5 records: next step (with <BEGIN>), storytelling,
                                  a context-free report, sequential image editing, multi-concept composition
+  ROOT/realdata/{warmup,rl,eval}.jsonl   unigrpo's own data files (format at the top of data.py), toy-world
+                                 content so that the toy model and critic run on them: warm-up (interleaved,
+                                 understanding, t2i), GRPO prompts and evaluation prompts (one with a context
+                                 image, one without ref_texts), images rendered at 48 px
 """
 import json
 import os
@@ -19,6 +23,8 @@ import sys
 from PIL import Image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import data  # noqa: E402
 
 
 def png(path, k):
@@ -91,6 +97,40 @@ IB = [
 ]
 
 
+def _segments(segs, folder, stem):
+    """Example segments -> JSONL segments, images written as PNGs next to the file."""
+    out = []
+    for j, (kind, x) in enumerate(segs):
+        if kind == "text":
+            out.append({"text": x})
+        else:
+            os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+            x.save(os.path.join(folder, "images", f"{stem}_{j}.png"), format="PNG")
+            out.append({"image": f"images/{stem}_{j}.png"})
+    return out
+
+
+def realdata(folder):
+    """unigrpo's data files, from toy-world examples of each split."""
+    mk = lambda task, n, split: data.make_examples(task, n, split, seed=0)
+    files = {"warmup": [e for t in ("story", "continuation", "understanding", "t2i") for e in mk(t, 2, "warmup")],
+             "rl": [e for t in ("story", "howto", "continuation") for e in mk(t, 2, "rl")],
+             "eval": [e for t in ("story", "howto", "continuation") for e in mk(t, 1, "eval")]}
+    for name, examples in files.items():
+        rows = []
+        for i, e in enumerate(examples):
+            row = {"id": f"{name}-{i}", "task": e.task, "prompt": _segments(e.prompt, folder, f"{name}{i}_p")}
+            if name == "warmup":
+                row["answer"] = _segments(e.answer, folder, f"{name}{i}_a")
+            else:
+                row["n_steps"] = e.n_steps
+                if i != 1:  # one prompt without references: the critic grades its steps alone
+                    row["ref_texts"] = e.ref_texts
+            rows.append(json.dumps(row))
+        with open(os.path.join(folder, f"{name}.jsonl"), "w", encoding="utf-8") as f:
+            f.write("\n".join(rows) + "\n")
+
+
 def main(root=os.path.join(HERE, "fixtures")):
     k = 0
     for sub, records, name in (("mmie", MMIE, "data.json"), ("interleavedbench", IB, "interleaved_bench.json")):
@@ -100,6 +140,7 @@ def main(root=os.path.join(HERE, "fixtures")):
                 k += 1
         dump(records, os.path.join(root, sub, name))
     dump(MMIE_SCORER, os.path.join(root, "mmie", "scorer_layout.json"))
+    realdata(os.path.join(root, "realdata"))
     return root
 
 

@@ -40,7 +40,7 @@ def broken_copy(tmp_path, src_dir, name, edit):
 def test_fixtures_are_fresh(tmp_path):
     """The committed fixtures are exactly what make_fixtures.py writes (it is deterministic)."""
     root = make_fixtures.main(str(tmp_path / "fx"))
-    for sub in ("mmie", "interleavedbench"):
+    for sub in ("mmie", "interleavedbench", "realdata"):
         made = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(os.path.join(root, sub)) for f in fs)
         have = sorted(os.path.relpath(os.path.join(d, f), FIX) for d, _, fs in os.walk(os.path.join(FIX, sub)) for f in fs)
         assert made == have

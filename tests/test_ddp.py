@@ -90,6 +90,59 @@ def test_two_processes_write_one_set_of_outputs(runs):
     assert r.stdout.count("prepare: tiny CLIP (clip)") == 1 and r.stdout.count("[grpo] iter 1") == 1  # one voice
 
 
+@pytest.fixture(scope="module")
+def fsdp_runs(runs, tmp_path_factory):
+    """The DDP test's stages again with --fsdp over 2 gloo processes, from the same prepared files; then both the
+    FSDP run and a copy of the 1-process run resume for one more GRPO iteration."""
+    one, two, _ = runs
+    tmp = tmp_path_factory.mktemp("fsdp")
+    shutil.copytree(two / "prepare", tmp / "fsdp" / "prepare")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "unigrpo.py",
+                f"--out_dir={tmp / 'fsdp'}", *ARGS, "--fsdp"]
+    r = subprocess.run(torchrun, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shutil.copytree(tmp / "fsdp", tmp / "fsdp_at_2")
+    shutil.copytree(one, tmp / "one")
+    more = [a for a in ARGS if not a.startswith("--grpo_iters")] + ["--grpo_iters=3"]
+    for cmd in ([*torchrun[:-len(ARGS) - 1], *more, "--fsdp"], [sys.executable, "unigrpo.py", f"--out_dir={tmp / 'one'}", *more]):
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+        assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr[-3000:]
+    return one, tmp / "fsdp_at_2", tmp / "one", tmp / "fsdp"
+
+
+def _max_gaps(a, b):
+    """Largest metric gap (relative above 1) and largest weight gap of two out_dirs, per stage."""
+    from safetensors.torch import load_file
+    x, y = _rows(a), _rows(b)
+    assert [(r["stage"], r["iter"]) for r in x] == [(r["stage"], r["iter"]) for r in y]
+    metric = max(abs(p[k] - q[k]) / (1 + abs(p[k])) for p, q in zip(x, y) for k in p
+                 if k not in ("stage", "iter", "sec") and not k.startswith("time/"))
+    weights = {}
+    for stage in ("warmup", "grpo"):
+        wa, wb = load_file(str(a / stage / "model.safetensors")), load_file(str(b / stage / "model.safetensors"))
+        assert sorted(wa) == sorted(wb), stage  # an ordinary save_pretrained folder: the same tensors, whole
+        weights[stage] = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    return metric, weights
+
+
+@pytest.mark.skipif(not _two_processes_can_start(), reason="torch.distributed/gloo or a local port is unavailable")
+def test_fsdp_two_processes_agree_with_one_and_resume(fsdp_runs):
+    """FSDP2 (fully_shard over the decoder layers, then the root) on 2 gloo processes: the same metrics and
+    gathered checkpoints as one unsharded process, and after both resume for one more GRPO iteration too."""
+    one, fsdp, one_resumed, fsdp_resumed = fsdp_runs
+    for a, b, what in ((one, fsdp, "run"), (one_resumed, fsdp_resumed, "resumed")):
+        metric, weights = _max_gaps(a, b)
+        print(f"FSDP vs 1 process ({what}): max metric gap {metric:.1e}, max weight gap {weights}")
+        assert metric <= TOL and max(weights.values()) < TOL, (what, metric, weights)
+    assert [r["iter"] for r in _rows(fsdp_resumed) if r["stage"] == "grpo"] == [0, 1, 2]
+    state = torch.load(fsdp_resumed / "grpo" / "trainer_state.pt", weights_only=False)
+    assert state["iter"] == 3 and all(isinstance(k, str) for k in state["optimizer"]["state"])  # gathered by name: sharded
+    from safetensors.torch import load_file
+    w2, w3 = (load_file(str(d / "grpo" / "model.safetensors")) for d in (fsdp, fsdp_resumed))
+    assert max((w2[k] - w3[k]).abs().max().item() for k in w2) > 1e-5  # the resumed iteration trained (measured 6e-5)
+
+
 def test_prompts_per_step_must_split_into_whole_groups(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(unigrpo, "world_size", lambda: 2)  # as under torchrun --nproc_per_node=2, before any work
     with pytest.raises(SystemExit, match=r"--prompts_per_step=3 must be divisible by the number of processes \(2\)"):
@@ -178,11 +231,12 @@ def test_memory_estimate_rows_follow_the_config(monkeypatch):
     assert 7.3e9 < full["params"] < 7.5e9 and 2.0e9 < est("--preset=janus-pro-1b")["params"] < 2.2e9
     w, g, adam, ref = (full["table"][k] for k in ("weights", "gradients", "AdamW states", "reference model"))
     assert w[0] == 4 * full["params"] and adam[0] == 2 * g[0] < 8 * full["params"]  # the VQ is frozen
-    assert ref == (2 * full["params"], 0)  # a bf16 copy; LoRA reuses the base with adapters off
-    assert est("--kl_beta=0")["table"]["reference model"] == (0, 0)
-    assert full["peak"][1] < full["peak"][0] / 2
+    assert ref == (4 * full["params"], w[1], 0)  # float32, as the policy; LoRA reuses the base with adapters off
+    assert est("--kl_beta=0")["table"]["reference model"] == (0, 0, 0)
+    assert full["peak"][2] < full["peak"][0] / 2
     assert est("--grad_checkpointing=false")["table"]["activations"][0] > 5 * full["table"]["activations"][0]
     monkeypatch.setenv("WORLD_SIZE", "4")
     split = est()
-    assert split["rows"] * 4 == full["rows"] and split["table"]["weights"] == full["table"]["weights"]  # DDP replicates
-    assert "FSDP is not implemented" in unigrpo.format_memory(full)
+    assert split["rows"] * 4 == full["rows"] and split["table"]["weights"][0] == w[0]  # DDP replicates
+    assert split["table"]["AdamW states"][1] == adam[0] / 4 and split["peak"][1] < split["peak"][0] / 2  # FSDP splits
+    assert "--fsdp splits them over the 4 GPU(s)" in unigrpo.format_memory(split)

@@ -6,6 +6,7 @@ import torch
 
 import data
 import rewards
+import unigrpo
 from rewards import (ClipScorer, ToyTextCritic, format_reward, hybrid_reward, load_clip, parse_critic_score,
                      save_clip, step_rewards, train_tiny_clip)
 
@@ -60,28 +61,30 @@ def test_format_reward_other_layouts():
 
 
 def test_toy_text_critic_fractions():
+    """1 for the right scene; a near miss earns `partial` (default half) of the fraction of attributes right."""
     critic = ToyTextCritic(data.parse)
     ref = [data.describe(S1), data.describe(S3)]
     scores = critic.step_scores([
-        "the blue circle is at the top left .",  # wrong colour: 2/3
+        "the blue circle is at the top left .",  # wrong colour: 2/3 of the attributes
         "the red circle is at the top .",  # one of two objects, exactly right: 3/6 (missing object)
         "the red circle is at the top left .",  # beyond the reference: 0
     ], ref)
-    assert scores == pytest.approx([2 / 3, 1 / 2, 0.0])
+    assert scores == pytest.approx([0.5 * 2 / 3, 0.5 * 1 / 2, 0.0])
     one = [data.describe(S1)]
-    assert critic.step_scores(["the red circle is at the center ."], one) == pytest.approx([2 / 3])  # wrong cell
-    assert critic.step_scores(["the red square is at the bottom ."], one) == pytest.approx([1 / 3])
+    assert critic.step_scores(["the red circle is at the center ."], one) == pytest.approx([0.5 * 2 / 3])  # wrong cell
+    assert critic.step_scores(["the red square is at the bottom ."], one) == pytest.approx([0.5 * 1 / 3])
     assert critic.step_scores([data.describe(S1)], one) == [1.0]
     assert critic.step_scores(["the red circle is at ."], one) == [0.0]  # unparseable
     assert critic.step_scores(["banana"], one) == [0.0]
     # an extra object costs as much as a missing one
     assert critic.step_scores([data.describe(data.make_scene(("red", "circle", 0), ("red", "circle", 8)))],
-                              one) == pytest.approx([1 / 2])
+                              one) == pytest.approx([0.5 * 1 / 2])
+    assert ToyTextCritic(data.parse, partial=1.0).step_scores(["the red circle is at the center ."], one) == pytest.approx([2 / 3])
     # best assignment, not positional: the two objects swapped cells keep colour and shape right
     swapped = data.make_scene(("blue", "square", 1), ("red", "circle", 4))
-    assert critic.step_scores([data.describe(swapped)], [data.describe(S3)]) == pytest.approx([4 / 6])
+    assert critic.step_scores([data.describe(swapped)], [data.describe(S3)]) == pytest.approx([0.5 * 4 / 6])
     two_off = data.make_scene(("red", "circle", 1), ("green", "square", 4))
-    assert critic.step_scores([data.describe(two_off)], [data.describe(S3)]) == pytest.approx([5 / 6])
+    assert critic.step_scores([data.describe(two_off)], [data.describe(S3)]) == pytest.approx([0.5 * 5 / 6])
     assert critic.step_scores([], one) == []
     with pytest.raises(ValueError, match="does not parse"):
         critic.step_scores(["the red circle is at the top ."], ["not a scene"])
@@ -137,7 +140,7 @@ def test_step_rewards_alignment():
     got = step_rewards(segs, [data.describe(S1), data.describe(S2)], critic, fake)
     # text: r_t; image: r_v vs the text right before it; 0 for a None image or no text before it;
     # None for the empty text segment, which is no step
-    assert got == pytest.approx([1.0, 0.5, None, 2 / 3, 0.0, 0.0])
+    assert got == pytest.approx([1.0, 0.5, None, 0.5 * 2 / 3, 0.0, 0.0])
     assert fake.calls == [([IMG], [data.describe(S1)])]  # one call, only the scorable pair
     assert step_rewards([("image", IMG), ("text", data.describe(S1))], [data.describe(S1)], critic, fake) == [0.0, 1.0]
     assert step_rewards([("text", " "), ("image", IMG)], [data.describe(S1)], critic, fake) == [None, 0.0]
@@ -158,12 +161,12 @@ def test_hybrid_reward_sum_and_switches():
     finished = [True, True, True, True]
     out = hybrid_reward(batch, finished, [refs] * 4, [2] * 4, critic, fake)
     assert out["format"].tolist() == [1.0, 0.0, 1.0, 0.0]
-    assert out["text"].tolist() == pytest.approx([1.0, 0.5, (2 / 3 + 0) / 2, 1.0])
+    assert out["text"].tolist() == pytest.approx([1.0, 0.5, (0.5 * 2 / 3 + 0) / 2, 1.0])
     assert out["visual"].tolist() == pytest.approx([0.5, 0.25, 0.5, 0.5])
     assert torch.allclose(out["reward"], out["format"] + out["text"] + out["visual"])
     assert len(fake.calls) == 1 and len(fake.calls[0][0]) == 2 + 1 + 2 + 2  # one batched CLIP call; not the extra image
     assert [len(s) for s in out["steps"]] == [len(b) for b in batch]
-    assert out["steps"][2] == pytest.approx([2 / 3, 0.5, 0.0, 0.5])
+    assert out["steps"][2] == pytest.approx([0.5 * 2 / 3, 0.5, 0.0, 0.5])
     for flags, terms in [(dict(use_format=False), ("text", "visual")), (dict(use_text=False), ("format", "visual")),
                          (dict(use_visual=False), ("format", "text")),
                          (dict(use_format=False, use_text=False, use_visual=False), ())]:
@@ -321,3 +324,64 @@ def test_steps_beyond_the_asked_layout_earn_nothing():
     assert old[5] == pytest.approx(0.8)
     out = rewards.hybrid_reward([good, extra], [True, True], [refs, refs], [2, 2], critic, ByText())
     assert out["steps"][1][4:] == [0.0, 0.0] and out["format"].tolist() == [1.0, 0.0]
+
+
+def tiny_vlm_critic_folder(folder, pinned_reply=None):
+    """A random-weight LLaVA (transformers' LlavaForConditionalGeneration: CLIP vision tower, Llama text model)
+    with the toy word tokenizer and a one-line chat template, saved with its processor like a hub checkpoint.
+    pinned_reply: a token the generation config favours, then EOS (random weights would say noise)."""
+    from transformers import CLIPImageProcessor, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    tok = data.build_text_tokenizer()
+    tok.add_tokens(["<image>"], special_tokens=True)
+    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = LlavaConfig(text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=len(tok), **ids),
+                         vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16),
+                         image_token_id=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config)
+    bias = []
+    if pinned_reply is not None:
+        t = tok.convert_tokens_to_ids(pinned_reply)
+        bias = [[[t], 100.0], [[t, tok.eos_token_id], 200.0]]  # the token first, then EOS right after it
+    model.generation_config = GenerationConfig(**ids, sequence_bias=bias or None)
+    model.save_pretrained(folder)
+    template = ("{% for m in messages %}{% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endfor %}"
+                "{% if add_generation_prompt %} :{% endif %}")
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                   tokenizer=tok, patch_size=16, chat_template=template).save_pretrained(folder)
+    return str(folder)
+
+
+def test_vlm_critic_runs_a_real_model_from_a_folder(tmp_path):
+    """rewards.VLMCritic end to end through AutoProcessor / AutoModelForImageTextToText: chat template, greedy
+    generation, reply decoding, score parsing; with references and without; unreadable replies score 0."""
+    critic = rewards.VLMCritic(tiny_vlm_critic_folder(tmp_path / "pinned", pinned_reply="7"))
+    assert critic.step_scores(["the red circle is at the top .", "x", "beyond"], ["the red circle is at the top .", "y"]) \
+        == pytest.approx([0.7, 0.7, 0.0])  # "7" on 0-10; a step beyond the references earns nothing
+    assert critic.step_scores(["the red circle is at the top ."], []) == pytest.approx([0.7])  # graded alone
+    noisy = rewards.VLMCritic(tiny_vlm_critic_folder(tmp_path / "random"), max_new_tokens=6)
+    scores = noisy.step_scores(["a", "b"], ["c", "d"])
+    assert all(0.0 <= x <= 1.0 for x in scores)  # random words: parsed when they hold one number, else 0
+
+
+def test_openclip_scorer_with_a_real_architecture_and_random_weights():
+    """rewards.load_openclip_scorer and unigrpo.build_scorers on open_clip's ViT-S-32 with random weights
+    (pretrained none): its own preprocessing and BPE tokenizer, scores in [0, 1]; nothing downloads."""
+    scorer = rewards.load_openclip_scorer("ViT-S-32", None)
+    imgs = [data.render(S1), data.render(S2)]
+    got = scorer.score(imgs, ["a red circle", "a blue square at the top"])
+    assert got.shape == (2,) and ((got >= 0) & (got <= 1)).all()
+    assert scorer.cosine(imgs, ["x", "y"]).abs().max() <= 1.0
+    _, via_cli = unigrpo.build_scorers(unigrpo.get_config(["--visual_scorer=openclip:ViT-S-32"]), None, "cpu")
+    assert type(via_cli.model).__name__ == "CLIP" and via_cli.score(imgs[:1], ["a"]).shape == (1,)
+
+
+def test_missing_optional_packages_name_their_install(tiny, tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    tiny.janus.save_pretrained(tmp_path); tiny.tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        unigrpo.load_model(str(tmp_path), "cpu", four_bit=True)

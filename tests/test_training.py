@@ -156,8 +156,10 @@ def test_kl_beta_zero_loads_no_reference(pipeline, monkeypatch, tmp_path):
         loads.clear()
         shutil.rmtree(run / "grpo", ignore_errors=True)
         unigrpo.main([f"--out_dir={run}", "--stage=grpo", f"--kl_beta={beta}", "--grpo_iters=1", "--prompts_per_step=1",
-                      "--group_size=2", "--max_new_tokens=30", "--storyboard_interval=100", "--warmup_iters=40"])
+                      "--group_size=2", "--max_new_tokens=30", "--storyboard_interval=100", "--warmup_iters=40",
+                      "--dtype=bfloat16"])
         assert len(loads) == n, (beta, loads)
+    assert _rows(run, "grpo")[-1]["kl"] == 0.0  # the reference grpo() loads follows the policy's dtypes (bf16: no rounding gap)
 
 
 def test_nan_reward_updates_nothing_and_is_reported(tiny):
@@ -275,3 +277,73 @@ def test_resume_refuses_a_changed_flag_and_notes_a_safe_one(pipeline, capsys):
     printed = capsys.readouterr().out
     assert "--lr=0.0001 (the checkpoint's run had 3e-05): applies from iter" in printed and "--grpo_iters=9" in printed
     assert "log_interval" not in printed
+
+
+
+def test_bf16_first_step_has_ratio_one_and_zero_kl(tiny, monkeypatch):
+    """bf16 autocast: the KV-cache decode and the teacher-forced forward round differently, so pi_old is the
+    update's own first forward (detached) and the reference a float32 copy under the same autocast. With
+    advantages that are not 0 and a clip range far below the rounding gap, no token is clipped and KL is 0;
+    the old rules (sampler log-probs as pi_old, a bf16 reference) clip and show KL > 0 on the same rollouts."""
+    import copy
+    policy, ref, ref_bf16 = (copy.deepcopy(tiny).requires_grad_(i == 0) for i in range(3))
+    ref_bf16.to(torch.bfloat16)
+    for m in (policy, ref, ref_bf16):
+        bias_text_logits(m, boi_id=2.0)  # images too
+    cfg = unigrpo.get_config(["--dtype=bfloat16", "--inner_epochs=1", "--clip_eps=1e-3", "--group_size=2",
+                              "--max_new_tokens=40", "--process_reward=false", "--lr=1e-3"])
+    examples = data.make_examples("story", 3, "rl", seed=0)
+    score = lambda ro, group: {"reward": torch.arange(len(group), dtype=torch.float) % 3}  # unequal within groups
+    seen, real = {}, unigrpo.sample_interleaved
+    monkeypatch.setattr(unigrpo, "sample_interleaved", lambda *a, **k: seen.setdefault("ro", real(*a, **k)))
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+    m = unigrpo.grpo_step(policy, ref, opt, examples, score, cfg, torch.Generator().manual_seed(0))
+    assert m["clip_ratio"] == 0.0 and m["kl"] == 0.0, m
+    ro = seen["ro"]  # the old rules on the same rollouts, with the weights before the update (ref's)
+    with unigrpo.autocast(cfg, "cpu"):
+        tf, _ = unigrpo.sequence_logprobs(ref, ro)
+        tf_bf16, _ = unigrpo.sequence_logprobs(ref_bf16, ro)
+    adv = unigrpo.group_advantages(score(ro, ro.ids)["reward"], 2)[:, None].expand_as(tf)
+    _, old = unigrpo.grpo_loss(tf, ro.logp, tf_bf16, adv, ro.mask, cfg.clip_eps, cfg.kl_beta)
+    gap = (tf - ro.logp)[ro.mask.bool()].abs().max().item()
+    print(f"bf16: max |sampler - teacher-forced logp| {gap:.2e}; old rules: clip_ratio {old['clip_ratio']:.3f}, "
+          f"kl {old['kl']:.2e}; now: clip_ratio {m['clip_ratio']}, kl {m['kl']}")
+    assert old["clip_ratio"] > 0 and old["kl"] > 0
+
+
+
+REAL = os.path.join(ROOT, "tests", "fixtures", "realdata")
+
+
+def test_every_stage_runs_on_data_files(pipeline, monkeypatch, tmp_path):
+    """--warmup_data, --rl_data and --eval_data (tests/fixtures/realdata, toy-world content so the toy critic
+    reads it) through warm-up with CFG prompt dropout, GRPO and evaluation: no toy prompt is drawn."""
+    run = tmp_path / "real"
+    _warmed_up_copy(pipeline, run, monkeypatch)
+    import shutil
+    shutil.rmtree(run / "warmup")
+    monkeypatch.setattr(data, "make_examples", lambda *a, **k: pytest.fail("a toy prompt was drawn"))
+    monkeypatch.setattr(data, "warmup_mix", lambda *a, **k: pytest.fail("the toy warm-up mix was built"))
+    files = [f"--{k}_data={REAL}/{f}.jsonl" for k, f in (("warmup", "warmup"), ("rl", "rl"), ("eval", "eval"))]
+    flags = [f"--out_dir={run}", *files, "--warmup_iters=3", "--warmup_batch_size=8", "--cfg_dropout=0.5", "--grpo_iters=1",
+             "--prompts_per_step=2", "--group_size=2", "--max_new_tokens=40", "--storyboard_interval=1", "--run_eval_prompts=4"]
+    unigrpo.main(["--stage=grpo", *flags])
+    import eval as E
+    E.main(flags)
+    assert [r["iter"] for r in _rows(run, "warmup")] == [0, 1, 2] and [r["iter"] for r in _rows(run, "grpo") if "loss" in r] == [0]
+    assert all("eval/oracle_step" not in r and "eval/reward" in r for r in _rows(run, "grpo") if "loss" not in r)
+    res = json.load(open(run / "eval.json"))
+    assert set(res) == {"warmup", "grpo"} and "format" in res["grpo"] and "oracle_step" not in res["grpo"]
+    assert os.path.exists(run / "storyboards" / "grpo_00001.html")
+
+
+def test_preset_requires_its_data_files_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match=r"--preset janus-pro-1b runs the warmup stage on real data: pass --warmup_data"):
+        unigrpo.main([f"--out_dir={tmp_path}/o", "--preset=janus-pro-1b", "--stage=grpo"])
+    with pytest.raises(SystemExit, match=r"pass --rl_data"):
+        unigrpo.main([f"--out_dir={tmp_path}/o", "--preset=janus-pro-1b", "--stage=grpo", f"--warmup_data={REAL}/warmup.jsonl"])
+    bad = tmp_path / "rl.jsonl"
+    bad.write_text('{"task": "story", "prompt": [{"text": "a"}]}\n')
+    with pytest.raises(ValueError, match=r"rl.jsonl:1: missing key \"n_steps\""):
+        unigrpo.main([f"--out_dir={tmp_path}/o", "--stage=grpo", f"--rl_data={bad}"])
+    assert not os.path.exists(tmp_path / "o")
