@@ -693,8 +693,10 @@ def vq_encode(vq, images: list) -> torch.Tensor:
 
 @torch.no_grad()
 def vq_decode(vq, tokens: torch.Tensor) -> list:
-    """Image tokens [B, num_patches**2] -> PIL images with HF's decode."""
-    return [to_image(t) for t in vq.decode(tokens.to(next(vq.parameters()).device))]
+    """Image tokens [B, num_patches**2] -> PIL images with HF's decode, 64 at a time (the decoder's activations
+    at full resolution are the largest tensors of a GRPO step)."""
+    dev = next(vq.parameters()).device
+    return [to_image(t) for i in range(0, len(tokens), 64) for t in vq.decode(tokens[i:i + 64].to(dev))]
 
 
 # -----------------------------------------------------------------------------

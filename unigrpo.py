@@ -80,6 +80,7 @@ rl_tasks = "story,howto,continuation"  # the task families GRPO's prompts come f
 group_size = 4            # G, rollouts per prompt (paper: 4)
 lr = 5e-5                 # AdamW
 inner_epochs = 2          # optimisation passes over each batch of rollouts
+micro_batch = 64          # rollouts per forward/backward of the update; gradients accumulate (memory, not maths)
 clip_eps = 0.2
 kl_beta = 0.04            # 0 = no KL term and no reference model in memory
 loss_type = "sequence"    # sequence: the paper's 1/|o_i| mean per trajectory; token: mean over all tokens
@@ -162,7 +163,7 @@ RANGES = dict(  # every numeric key: a bad value fails here, not minutes later a
     vq_steps=_GE1, clip_steps=_GE1, warmup_iters=_GE1, warmup_batch_size=_GE1, warmup_lr=_POS, n_understanding=_GE1,
     interleaved_ratio=_GE0, temperature=_POS, cfg_scale=_GE0, max_new_tokens=_GE1, max_text_tokens=_GE1, max_images=_GE0,
     grpo_iters=_GE1, prompts_per_step=_GE1, group_size=(lambda v: v >= 2, "at least 2 (advantages are relative to the group)"),
-    lr=_POS, inner_epochs=_GE1, clip_eps=_POS, kl_beta=(lambda v: v >= 0, "at least 0 (0 = no KL term)"), grad_clip=_POS,
+    lr=_POS, inner_epochs=_GE1, micro_batch=_GE1, clip_eps=_POS, kl_beta=(lambda v: v >= 0, "at least 0 (0 = no KL term)"), grad_clip=_POS,
     eval_prompts=_GE1, eval_interval=(lambda v: v >= 0, "at least 0 (0 = no held-out evaluation during GRPO)"),
     run_eval_prompts=_GE1, warmup_rise=_GE0, cfg_dropout=(lambda v: 0 <= v < 1, "in [0, 1)"), cpu_threads=(lambda v: v >= 0, "at least 0 (0 = torch's default)"))
 CHOICES = dict(stage=("prepare", "warmup", "grpo"), loss_type=("sequence", "token"), dtype=("float32", "bfloat16"))
@@ -435,6 +436,17 @@ class Rollout:
     logp: torch.Tensor            # [B, T] log-prob under the sampling policy (0 where not sampled)
     mask: torch.Tensor            # [B, T] 1 for sampled tokens; 0 for forced <end_of_image> and padding
     finished: torch.Tensor        # [B] bool: ended with EOS inside the limits
+
+
+def rollout_rows(ro, rows):
+    """Rows `rows` (a slice) of a Rollout, without the columns that are padding in all of them."""
+    keep = ro.prompt_mask[rows].any(0).nonzero()
+    P0 = int(keep[0]) if len(keep) else ro.prompt_mask.shape[1]
+    used = ro.mask[rows].any(0).nonzero()
+    T = int(used[-1]) + 1 if len(used) else 1
+    cut = lambda t: t[rows, :T]
+    return Rollout(ro.prompt_ids[rows, P0:], ro.prompt_mask[rows, P0:], ro.context[rows], cut(ro.ids), cut(ro.is_image),
+                   cut(ro.step), cut(ro.logp), cut(ro.mask), ro.finished[rows])
 
 
 def pad_prompts(model, prompts):
@@ -911,10 +923,11 @@ def grpo(cfg, log):
 
 
 def log_evaluation(model, critic, scorer, cfg, log, it):
-    """evaluate() on run_eval_prompts held-out prompts, logged as eval/* at `it` (the master evaluates; the
-    others wait). The noise seed is fixed, so every evaluation of a run sees the same prompts and noise."""
+    """evaluate() on run_eval_prompts held-out prompts, logged as eval/* at `it` (the master evaluates, the
+    others wait; under FSDP every rank does, since gathering the weights is a collective). The noise seed is
+    fixed, so every evaluation of a run sees the same prompts and noise."""
     res = None
-    if rank() == 0:
+    if rank() == 0 or is_sharded(model.parameters()):
         t0, was_training = time.time(), model.training
         res = evaluate(model.eval(), critic, scorer, cfg, cfg.run_eval_prompts, seed=cfg.seed)
         model.train(was_training)
@@ -961,28 +974,44 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
         adv = adv + process_advantages(sc["step_tensor"], ro.step.cpu(), G)
     adv = adv.to(dev)
     t2 = time.time()
+    B = len(group)
+    # micro-batches of rows, each cut to its own length: the forward's memory is that of micro_batch rollouts
+    parts = [(slice(i, i + cfg.micro_batch), rollout_rows(ro, slice(i, i + cfg.micro_batch)) if B > cfg.micro_batch else ro)
+             for i in range(0, B, cfg.micro_batch)]
     with amp():
-        ref_logp = reference_logprobs(ref, ro, cfg) if ref is not None else None  # once per batch
-    mask = ro.mask.to(dev)
+        ref_logp = [reference_logprobs(ref, sub, cfg) for _, sub in parts] if ref is not None else None  # once per batch
     # 'token' loss: ranks hold different token counts, so each divides by the global count / world size
     # and the rank-averaged gradient is the global token mean's ('sequence': equal rows per rank suffice)
-    n_tokens = all_sum(mask.sum()) / world_size()
+    n_tokens = all_sum(ro.mask.sum().to(dev)) / world_size()
     t3 = time.time()
     policy.train()
     nan = float("nan")  # what the metrics say when a non-finite loss stops the update before a step
-    first, gn = dict(entropy=nan, kl=nan), torch.tensor(nan)
+    first, gn, old_logp = dict(entropy=nan, kl=nan), torch.tensor(nan), [None] * len(parts)
     for epoch in range(cfg.inner_epochs):
-        with amp():
-            logp, ent = sequence_logprobs(policy, ro, cfg.temperature, with_entropy=epoch == 0, cfg_scale=cfg.cfg_scale)
-        if epoch == 0:  # pi_old: this forward of the policy that sampled, not the KV-cache decode's (bf16: they differ)
-            old_logp = logp.detach()
-        loss, st = grpo_loss(logp, old_logp, ref_logp if ref_logp is not None else logp.detach(), adv, mask,
-                             cfg.clip_eps, cfg.kl_beta, cfg.loss_type, n_tokens)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        opt.zero_grad(set_to_none=True)
+        loss, st, ent_sum, n_sum = 0.0, dict(kl=0.0, clip_ratio=0.0), 0.0, 0.0
+        for k, (rows, sub) in enumerate(parts):
+            mask, T = sub.mask.to(dev), sub.ids.shape[1]
+            with amp():
+                logp, ent = sequence_logprobs(policy, sub, cfg.temperature, with_entropy=epoch == 0, cfg_scale=cfg.cfg_scale)
+            if epoch == 0:  # pi_old: this forward of the policy that sampled, not the KV-cache decode's (bf16: they differ)
+                old_logp[k] = logp.detach()
+            part_loss, part_st = grpo_loss(logp, old_logp[k], ref_logp[k] if ref_logp is not None else logp.detach(),
+                                           adv[rows, :T], mask, cfg.clip_eps, cfg.kl_beta, cfg.loss_type, n_tokens)
+            if cfg.loss_type == "sequence":  # the mean over rows, in parts: each part by its share of the rows
+                part_loss = part_loss * len(sub.ids) / B
+            part_loss.backward()
+            n = mask.sum().item()
+            loss, n_sum = loss + part_loss.detach(), n_sum + n
+            st = {key: st[key] + part_st[key] * n for key in st}
+            ent_sum += (ent * mask).sum().item() if epoch == 0 else 0.0
+        st = {key: v / max(n_sum, 1) for key, v in st.items()}  # per-token means over the parts
         if all_sum(torch.isfinite(loss).float()) < world_size():  # every rank stops together
             break
-        gn = optimizer_step(opt, loss, cfg.grad_clip, policy)
+        gn = apply_gradients(opt, params, cfg.grad_clip, policy)
         if epoch == 0:  # KL and entropy of the policy that sampled (the ratio is exactly 1 here)
-            first = dict(entropy=(ent * mask).sum().item() / mask.sum().item(), kl=st["kl"])
+            first = dict(entropy=ent_sum / max(n_sum, 1), kl=st["kl"])
     policy.eval()
     t4 = time.time()
     r, m = R.view(-1, G), ro.mask.bool()
@@ -1169,7 +1198,7 @@ def trainer_state(opt, it, cfg, samplers=(), model=None):
 
 # how a run is driven or logged, not what it computes: free to change on resume
 RESUME_FREE = {"out_dir", "stage", "dry_run", "preset", "log_interval", "ckpt_interval", "storyboard_interval", "eval_prompts",
-               "eval_interval", "run_eval_prompts", "eval_data", "device", "cpu_threads", "grad_checkpointing", "fsdp",
+               "eval_interval", "run_eval_prompts", "eval_data", "micro_batch", "device", "cpu_threads", "grad_checkpointing", "fsdp",
                "wandb_log", "wandb_project", "wandb_run_name", "tensorboard"}
 RESUME_NOTED = {"lr", "warmup_lr", "grpo_iters", "warmup_iters"}  # accepted with a note: they apply from the resume point
 ONLY_BEFORE_GRPO = {"model", "vq_steps", "clip_steps", "warmup_iters", "warmup_batch_size", "warmup_lr", "warmup_rise",
@@ -1472,6 +1501,11 @@ def optimizer_step(opt, loss, grad_clip, model=None):
     params = [p for g in opt.param_groups for p in g["params"]]
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    return apply_gradients(opt, params, grad_clip, model)
+
+
+def apply_gradients(opt, params, grad_clip, model=None):
+    """The step after backward (one or several, accumulated): gradients averaged over ranks, clipped, AdamW."""
     if is_sharded(params):  # FSDP has reduce-scattered the mean gradient; only None must be restored
         drop_unused_grads(model)
     else:

@@ -523,7 +523,8 @@ def test_ablation_trend_and_table_rules():
     res.update({f"full/seed{k}": r(0.0) for k in range(3)})                         # down from rv; the paper: up
     res.update({f"kl_g2/seed{k}": r(0.0) for k in range(3)})                        # vs full: no change at all
     seeds = range(3)
-    assert E.ablation_trend(res, "rf", seeds).endswith("ours ↑ +0.300 ± 0.058 s.e. (3 seeds): agrees")
+    # diffs 0.2, 0.3, 0.4: se 0.0577, t(0.975, df 2) = 4.303, so the 95% interval is 0.300 ± 0.248, p = 0.035
+    assert E.ablation_trend(res, "rf", seeds).endswith("ours ↑ +0.300, 95% CI [+0.052, +0.548], p = 0.035 (3 seeds): agrees")
     assert "paper ↑ (MMIE +0.25, IB +0.08)" in E.ablation_trend(res, "rf", seeds)
     assert E.ablation_trend(res, "rt", seeds).endswith("within noise")
     assert E.ablation_trend(res, "full", seeds).endswith("disagrees")

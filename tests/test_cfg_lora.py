@@ -79,7 +79,8 @@ def test_guided_image_logprobs_match_transformers_image_generate(tiny):
     log-probs of its samples must equal the guided scores it sampled from."""
     from transformers.generation.logits_process import ClassifierFreeGuidanceLogitsProcessor as CFG
     m = tiny
-    ids, mask, _ = unigrpo.pad_prompts(m, [e.prompt for e in data.make_examples("story", 3, "rl", seed=0)])
+    prompts = [e.prompt for task in ("story", "howto", "story") for e in data.make_examples(task, 1, "rl", seed=0)]
+    ids, mask, _ = unigrpo.pad_prompts(m, prompts)  # a how-to and a story differ in length: left padding
     assert (mask == 0).any(), "left padding is exercised"
     B, N = len(ids), m.n_image_tokens
     boi = torch.full((B, 1), m.boi_id)

@@ -34,7 +34,7 @@ def _two_processes_can_start():
 # tiny budgets; 'token' loss because its normalisation is the one that needs a global count
 ARGS = ["--stage=grpo", "--vq_steps=1", "--clip_steps=2", "--warmup_iters=3", "--warmup_batch_size=8",
         "--n_understanding=40", "--grpo_iters=2", "--prompts_per_step=4", "--group_size=2", "--max_new_tokens=60",
-        "--storyboard_interval=100", "--loss_type=token"]
+        "--storyboard_interval=100", "--loss_type=token", "--run_eval_prompts=3"]
 # Measured here: the two runs differ by at most 1e-6 in any metric and 2e-6 in any weight (float
 # summation order: other batch shapes and paddings, the all-reduce). Skipping the gradient average
 # or dividing by each rank's own token count moves grad_norm by 0.4-0.6 and the loss by 0.01-0.14.
@@ -58,9 +58,10 @@ def runs(tmp_path_factory):
     return tmp / "one", tmp / "two", two
 
 
-def _rows(out):
+def _rows(out, held_out=False):
+    """The step rows of metrics.jsonl, or (held_out) GRPO's held-out evaluations (the master's alone)."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [row for row in map(json.loads, f) if ("eval/reward" in row) == held_out]
 
 
 @pytest.mark.skipif(not _two_processes_can_start(), reason="torch.distributed/gloo or a local port is unavailable")
@@ -70,6 +71,7 @@ def test_two_processes_agree_with_one_on_the_same_global_batch(runs):
     a, b = _rows(one), _rows(two)
     assert [(r["stage"], r["iter"]) for r in a] == [(r["stage"], r["iter"]) for r in b]
     assert [r["stage"] for r in a].count("grpo") == 2 and [r["stage"] for r in a].count("warmup") == 3
+    assert [r["iter"] for r in _rows(one, True)] == [r["iter"] for r in _rows(two, True)] == [0, 2]  # before and after
     for x, y in zip(a, b):
         assert x.keys() == y.keys()
         for k in x:

@@ -63,16 +63,17 @@ def pipeline(tmp_path_factory):
     return out, args, r
 
 
-def _rows(out, stage):
+def _rows(out, stage, held_out=False):
+    """The stage's rows of metrics.jsonl: its steps, or (held_out) GRPO's held-out evaluations."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [row for row in map(json.loads, f) if row["stage"] == stage]
+        return [row for row in map(json.loads, f) if row["stage"] == stage and ("eval/reward" in row) == held_out]
 
 
 def test_held_out_evaluation_during_grpo_and_the_before_after_table(pipeline):
     """GRPO evaluates on held-out prompts at iteration 0 (the warm-up) and at its end, logs eval/* rows, and
     prints the two side by side with their change."""
     out, _, r = pipeline
-    evals = [row for row in _rows(out, "grpo") if "eval/oracle_step" in row]
+    evals = _rows(out, "grpo", held_out=True)
     assert [row["iter"] for row in evals] == [0, 2]
     for row in evals:
         for k in ("oracle_step", "oracle_text", "oracle_image", "format", "understanding_acc", "t2i_acc"):
@@ -275,7 +276,7 @@ def test_resume_refuses_a_changed_flag_and_notes_a_safe_one(pipeline, capsys):
     cfg = unigrpo.get_config([*grpo_args, "--grpo_iters=9", "--lr=1e-4", "--log_interval=5"])
     unigrpo.check_resume(cfg, state, "grpo", "ck")
     printed = capsys.readouterr().out
-    assert "--lr=0.0001 (the checkpoint's run had 3e-05): applies from iter" in printed and "--grpo_iters=9" in printed
+    assert f"--lr=0.0001 (the checkpoint's run had {unigrpo.DEFAULTS['lr']!r}): applies from iter" in printed and "--grpo_iters=9" in printed
     assert "log_interval" not in printed
 
 
@@ -330,8 +331,8 @@ def test_every_stage_runs_on_data_files(pipeline, monkeypatch, tmp_path):
     unigrpo.main(["--stage=grpo", *flags])
     import eval as E
     E.main(flags)
-    assert [r["iter"] for r in _rows(run, "warmup")] == [0, 1, 2] and [r["iter"] for r in _rows(run, "grpo") if "loss" in r] == [0]
-    assert all("eval/oracle_step" not in r and "eval/reward" in r for r in _rows(run, "grpo") if "loss" not in r)
+    assert [r["iter"] for r in _rows(run, "warmup")] == [0, 1, 2] and [r["iter"] for r in _rows(run, "grpo")] == [0]
+    assert all("eval/oracle_step" not in r for r in _rows(run, "grpo", held_out=True))
     res = json.load(open(run / "eval.json"))
     assert set(res) == {"warmup", "grpo"} and "format" in res["grpo"] and "oracle_step" not in res["grpo"]
     assert os.path.exists(run / "storyboards" / "grpo_00001.html")
