@@ -66,9 +66,11 @@ def test_notebook_trains_both_stages_and_shows_pictures(executed):
     nb, out = executed
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     warm = [r for r in rows if r["stage"] == "warmup"]
-    grpo = [r for r in rows if r["stage"] == "grpo"]
+    grpo = [r for r in rows if r["stage"] == "grpo" and "eval/reward" not in r]
+    held_out = [r["iter"] for r in rows if r["stage"] == "grpo" and "eval/reward" in r]
     state = unigrpo.load_state(str(out / "grpo"))
     assert state is not None and state["iter"] == len(grpo) > 1, "GRPO logs every step of its run"
+    assert held_out[0] == 0 and held_out[-1] == state["iter"], "and evaluates before and after"
     assert warm[-1]["loss"] < warm[0]["loss"], "the warm-up lowers the NLL"
     for r in grpo:
         assert all(k in r for k in ("reward", "rewards/format/mean", "rewards/text/mean", "rewards/visual/mean", "kl"))
