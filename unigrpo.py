@@ -75,7 +75,7 @@ max_text_tokens = 32      # per text segment; a longer segment stops the row (ru
 max_images = 4            # a row that opens one image more stops (runaway images)
 # GRPO (stage 2)
 grpo_iters = 12
-prompts_per_step = 64       # 256 rollouts a step: at 32 the gradients of two batches were ~orthogonal (README)
+prompts_per_step = 64     # 256 rollouts a step: at 32 the gradients of two batches were ~orthogonal (README)
 rl_tasks = "story,howto,continuation"  # the task families GRPO's prompts come from (RL split)
 group_size = 4            # G, rollouts per prompt (paper: 4)
 lr = 5e-5                 # AdamW
