@@ -342,7 +342,8 @@ class UnifiedModel(torch.nn.Module):
 
 
 def tiny_janus(tokenizer, vq, cfg):
-    """A ~2.7M-parameter Janus for the toy world (facts about tiny configs: see DESIGN.md)."""
+    """A ~2.7M-parameter Janus for the toy world: a Llama trunk of n_layer x n_embd, a 2-layer SigLIP for context
+    images, and the VQ trained in `prepare` (its grid must match the model's, checked below)."""
     from transformers import JanusConfig, JanusForConditionalGeneration
     H = cfg.n_embd
     config = JanusConfig(
@@ -777,7 +778,7 @@ def warmup(cfg, log, mix=None):
 
 
 # -----------------------------------------------------------------------------
-# GRPO maths: each equation of PAPER.md, once
+# GRPO maths: each equation of docs/method.md, once
 
 
 def group_advantages(rewards, group_size, eps=1e-4):

@@ -1,4 +1,4 @@
-"""Exact values of the GRPO equations on hand-computed cases (PAPER.md, Stage 2 and process reward)."""
+"""Exact values of the GRPO equations on hand-computed cases (docs/method.md, Stage 2 and process reward)."""
 import math
 
 import pytest
