@@ -988,8 +988,8 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
     policy.train()
     nan = float("nan")  # what the metrics say when a non-finite loss stops the update before a step
     first, gn, old_logp = dict(entropy=nan, kl=nan), torch.tensor(nan), [None] * len(parts)
+    params = [p for g in opt.param_groups for p in g["params"]]
     for epoch in range(cfg.inner_epochs):
-        params = [p for g in opt.param_groups for p in g["params"]]
         opt.zero_grad(set_to_none=True)
         loss, st, ent_sum, n_sum = 0.0, dict(kl=0.0, clip_ratio=0.0), 0.0, 0.0
         for k, (rows, sub) in enumerate(parts):
@@ -1035,9 +1035,10 @@ def evaluate(model, critic, scorer, cfg, n, seed=0):
     evaluated with one seed are compared on common random numbers."""
     make = lambda task, k: data.make_examples(task, k, "eval", seed=cfg.seed, image_size=cfg.image_size)
     if cfg.eval_data:  # real prompts: rewards only (the oracle knows the toy world alone)
-        examples, rows = data.load_prompts(cfg.eval_data)[:n], []
+        examples = data.load_prompts(cfg.eval_data)[:n]
     else:
-        examples, rows = [e for t in data.INTERLEAVED for e in make(t, max(1, n // 3))] + make("understanding", n) + make("t2i", n), []
+        examples = [e for t in data.INTERLEAVED for e in make(t, max(1, n // 3))] + make("understanding", n) + make("t2i", n)
+    rows = []
     for i in range(0, len(examples), 32):
         ex = examples[i:i + 32]
         gens = [torch.Generator(model.device).manual_seed(seed * 1_000_003 + i + j) for j in range(len(ex))]

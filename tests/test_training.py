@@ -348,3 +348,27 @@ def test_preset_requires_its_data_files_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"rl.jsonl:1: missing key \"n_steps\""):
         unigrpo.main([f"--out_dir={tmp_path}/o", "--stage=grpo", f"--rl_data={bad}"])
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_micro_batches_give_the_update_of_one_batch(tiny):
+    """The update in micro-batches (each cut to its own length, gradients accumulated) moves the weights
+    as one forward over the whole batch does, for both loss types."""
+    import copy
+    for loss_type in ("sequence", "token"):
+        out = []
+        for micro in (64, 3):
+            torch.manual_seed(0)
+            policy = copy.deepcopy(tiny)
+            bias_text_logits(policy, boi_id=2.0)  # images too
+            cfg = unigrpo.get_config(["--group_size=2", "--max_new_tokens=40", "--kl_beta=0.04", "--inner_epochs=2",
+                                      "--lr=1e-3", f"--micro_batch={micro}", f"--loss_type={loss_type}", "--process_reward=false"])
+            opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+            score = lambda ro, group: {"reward": (ro.ids[:, :5] % 7).float().sum(1)}  # unequal within groups
+            gens = [torch.Generator().manual_seed(i) for i in range(4)]
+            m = unigrpo.grpo_step(policy, copy.deepcopy(tiny), opt, data.make_examples("story", 4, "rl", seed=0), score, cfg, gens)
+            out.append((m, {k: v.detach().clone() for k, v in policy.named_parameters()}))
+        (m1, w1), (m3, w3) = out
+        assert m1["loss"] == pytest.approx(m3["loss"], abs=1e-5) and m1["kl"] == pytest.approx(m3["kl"], abs=1e-6)
+        assert max((w1[k] - w3[k]).abs().max().item() for k in w1) < 1e-5, loss_type
+        w0 = dict(tiny.named_parameters())
+        assert max((w1[k] - w0[k]).abs().max().item() for k in w1) > 1e-4  # the step did move the weights
