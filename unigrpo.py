@@ -485,6 +485,26 @@ def head_logprobs(model, h, image, temperature, h_uncond=None, cfg_scale=1.0):
     return torch.log_softmax(logits / temperature, dim=-1)
 
 
+def kv_cache(n_layers, capacity):
+    """A transformers Cache whose layers write into buffers sized for the whole rollout. The default
+    DynamicCache concatenates, copying every layer's keys and values at each decode step: at batch 32 that
+    was 42% of the sampler's time."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class BufferLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.dtype, self.device, self.is_initialized, self.length = key_states.dtype, key_states.device, True, 0
+                shape = (*key_states.shape[:2], capacity, key_states.shape[-1])
+                self.k_buf, self.v_buf = key_states.new_empty(shape), value_states.new_empty(shape)
+            end = self.length + key_states.shape[-2]
+            self.k_buf[:, :, self.length:end], self.v_buf[:, :, self.length:end] = key_states, value_states
+            self.keys, self.values, self.length = self.k_buf[:, :, :end], self.v_buf[:, :, :end], end
+            return self.keys, self.values
+
+    return Cache(layers=[BufferLayer() for _ in range(n_layers)])
+
+
 def sample_interleaved(model, *args, **kwargs):
     """_sample_interleaved through model.forward, with FSDP's weights gathered once for all decode steps."""
     with gathered(model):
@@ -507,12 +527,13 @@ def _sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max
     if guided:
         prompt_ids = torch.cat([prompt_ids, unconditional_ids(model, prompt_ids, no_image)])
         prompt_mask, no_image, context = prompt_mask.repeat(2, 1), no_image.repeat(2, 1), context * 2
-    from transformers import DynamicCache
-    cache = DynamicCache()
+    P = prompt_ids.shape[1]
+    cache = kv_cache(model.janus.config.text_config.num_hidden_layers, P + max_new_tokens)
+    attn = torch.cat([prompt_mask, prompt_mask.new_ones(len(prompt_mask), max_new_tokens)], 1).bool()  # sliced per step
     pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     h = model.trunk(model.embed(prompt_ids, no_image), prompt_mask, pos, cache,
                     _stack_context(context, dev), prompt_ids == model.image_id)[:, -1]
-    next_pos, attn = pos[:, -1] + 1, prompt_mask
+    next_pos = pos[:, -1] + 1
     # per-row state
     img_left = torch.zeros(B, dtype=torch.long, device=dev)   # image codes still to sample (image mode if > 0)
     force_eoi = torch.zeros(B, dtype=torch.bool, device=dev)   # the grid is full: next token is <end_of_image>
@@ -524,7 +545,7 @@ def _sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max
     out = {k: [] for k in ("ids", "is_image", "step", "logp", "mask")}
     V = max(model.janus.config.text_config.vocab_size, model.janus.config.vq_config.num_embeddings)
     gens = generator if isinstance(generator, (list, tuple)) else [generator]
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         # Gumbel-max: argmax(log p + g) is a draw from p. g is drawn for every row at every step, so a row's
         # stream does not depend on the other rows' modes or lengths
         u = torch.cat([torch.rand(B // len(gens), V, generator=g, device=dev) for g in gens])
@@ -561,9 +582,9 @@ def _sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max
         force_eoi = in_image & (img_left == 0)
         if done.all():
             break
-        attn = torch.cat([attn, torch.ones(len(attn), 1, dtype=attn.dtype, device=dev)], 1)
         tok_in, img_in = (torch.cat([tok, unconditional_ids(model, tok, in_image)]), in_image.repeat(2)) if guided else (tok, in_image)
-        h = model.trunk(model.embed(tok_in[:, None], img_in[:, None]), attn, next_pos[:, None], cache)[:, -1]
+        # a ready 4D mask: transformers would rebuild it from the 2D one at every step
+        h = model.trunk(model.embed(tok_in[:, None], img_in[:, None]), attn[:, None, None, :P + i + 1], next_pos[:, None], cache)[:, -1]
         next_pos = next_pos + 1
     st = {k: torch.stack(v, 1) for k, v in out.items()}
     return Rollout(prompt_ids[:B], prompt_mask[:B], context[:B], st["ids"], st["is_image"], st["step"], st["logp"], st["mask"], finished)
