@@ -5,6 +5,7 @@
     python tests/bench.py --pipeline       # + `python unigrpo.py --stage grpo` from an empty out_dir: minutes
     python tests/bench.py --out_dir out    # + a GRPO step of the trained checkpoint in out/grpo (real rollouts)
     python tests/bench.py --device cuda --repeats 5
+    python tests/bench.py --vs_trl --vs_trl_threads 1,2   # only: a GRPO step against TRL's GRPOTrainer (CPU, minutes)
 
 Rows (every time is the median of --repeats runs after one untimed warm-up run; --quick shrinks every size):
 - sampler: `sample_interleaved` against transformers' `generate` on the same tiny Janus (random weights), batch
@@ -30,6 +31,16 @@ Rows (every time is the median of --repeats runs after one untimed warm-up run; 
 - warm-up step: one step of stage 1 (teacher-forced NLL on the hybrid mix, AdamW), to project the pipeline.
 - pipeline (--pipeline): the default `python unigrpo.py --stage grpo --out_dir TMP`, wall time, its split from
   TMP/metrics.jsonl, peak RSS of the child (resource.getrusage(RUSAGE_CHILDREN).ru_maxrss).
+- --vs_trl (alone): `grpo_step` against TRL's `GRPOTrainer` (tests/bench_trl.py, run by --trl_python or
+  $UNIGRPO_TRL_PYTHON: a venv of its own, trl is no dependency; without it the TRL side is skipped and the
+  message says how to make one) on one matched text-only setting: a random-weight Llama trunk 128 x 4 (I 512,
+  4 heads, the toy vocabulary) on both sides, 8 prompts of 8 tokens x G = 4, exactly 40 new tokens a
+  completion (ours: EOS and <begin_of_image> biased away; TRL: min_new_tokens), temperature 1, full softmax,
+  k3 KL 0.04 to a frozen reference, one update pass, AdamW, the same cheap reward of the token ids. Timed in
+  alternating pairs {TRL child doing --vs_trl_steps steps, ours the same} with the order swapped every pair, at
+  each of --vs_trl_threads; medians per side, the median of per-pair ratios ours/TRL, and each side's phase
+  split against that phase's floor: analytic FLOPs (2 x matmul params x tokens a forward, 3x with the backward)
+  at the torch.mm rate measured here on the same shapes and thread count.
 Peak memory: the highest RSS during the row (Linux: VmHWM, reset per row through /proc/self/clear_refs;
 elsewhere the process's ru_maxrss so far); on CUDA also torch.cuda.max_memory_allocated.
 """
@@ -52,6 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import torch
 
@@ -403,6 +415,203 @@ def pipeline_rows(work, extra=()):
 
 
 # -----------------------------------------------------------------------------
+# --vs_trl: one GRPO step of ours against TRL's GRPOTrainer (tests/bench_trl.py, in TRL's own venv)
+
+TRL_INSTALL = ("TRL is not a dependency of this project; give it a venv of its own, outside the repository:\n"
+               "    python3 -m venv ~/trl-venv && ~/trl-venv/bin/pip install torch==2.14.1 transformers==5.23.0 trl\n"
+               "then pass --trl_python ~/trl-venv/bin/python (or export UNIGRPO_TRL_PYTHON=~/trl-venv/bin/python)")
+
+
+def trunk_linears(H, L, I):
+    """(in, out) of every matmul weight a token meets in the Llama trunk: q, k, v, o, gate, up, down per layer."""
+    return ([(H, H)] * 4 + [(H, I), (H, I), (I, H)]) * L
+
+
+def grpo_flops(H, L, I, V, B, P, T):
+    """Analytic FLOPs of one GRPO step's phases on B rows of P prompt + T completion tokens: a forward is
+    2 x matmul params x tokens (attention scores, embedding lookups, norms and the optimizer left out), forward +
+    backward 3x that. The trunk runs over all P + T positions, the LM head over the T that predict completion
+    tokens, in the sampler's decode forwards (prefill + one per token) as in a teacher-forced pass."""
+    trunk = sum(i * o for i, o in trunk_linears(H, L, I))
+    forward = 2 * B * ((P + T) * trunk + T * H * V)
+    return dict(sampling=forward, scoring=0, reference=forward, update=3 * forward)
+
+
+def matmul_rate(M, shapes, seconds=0.2):
+    """The machine's GFLOP/s for torch.mm of M rows through `shapes` (fresh weights each, as a model's layers are),
+    at the current torch thread count: what turns FLOPs into a floor in seconds."""
+    pairs = [(torch.randn(M, i), torch.randn(i, o)) for i, o in shapes]
+    flops = sum(2 * M * i * o for i, o in shapes)
+    for x, w in pairs:
+        torch.mm(x, w)  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while n == 0 or time.perf_counter() - t0 < seconds:
+        for x, w in pairs:
+            torch.mm(x, w)
+        n += 1
+    return flops * n / (time.perf_counter() - t0) / 1e9
+
+
+def trl_side(python):
+    """(versions, "") of a Python that can import trl, or (None, why not)."""
+    if not python:
+        return None, "no TRL python given (--trl_python or UNIGRPO_TRL_PYTHON)"
+    probe = "import json, trl, transformers, torch; print(json.dumps(dict(trl=trl.__version__, " \
+            "transformers=transformers.__version__, torch=torch.__version__)))"
+    try:
+        r = subprocess.run([os.path.expanduser(python), "-c", probe], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"cannot run {python}: {getattr(e, 'strerror', None) or e}"
+    if r.returncode:
+        return None, f"{python} cannot import trl ({(r.stderr.strip().splitlines() or ['?'])[-1]})"
+    return json.loads(r.stdout.strip().splitlines()[-1]), ""
+
+
+def vs_trl_setup(n_prompts, G, new_tokens, prompt_len, n_embd, n_layer, n_head):
+    """Our side of the matched setting: the tiny Janus trunk, a frozen reference, text-only rollouts of exactly
+    new_tokens tokens (EOS and <begin_of_image> made impossible), n_prompts prompts of prompt_len tokens
+    (<bos> + words + <sep>); also each prompt's tokens as a string that TRL's tokenizer maps to the same ids."""
+    T = new_tokens
+    cfg = unigrpo.get_config(["--n_embd", str(n_embd), "--n_layer", str(n_layer), "--n_head", str(n_head),
+                              "--group_size", str(G), "--inner_epochs", "1", "--max_images", "0", "--process_reward", "False",
+                              "--max_new_tokens", str(T), "--max_text_tokens", str(T + 1), "--kl_beta", "0.04", "--lr", "1e-6",
+                              "--loss_type", "sequence", "--micro_batch", str(n_prompts * G), "--temperature", "1.0",
+                              "--cfg_scale", "1.0", "--clip_eps", "0.2", "--grad_clip", "1.0", "--dtype", "float32"])
+    policy = tiny_model(cfg, "cpu")
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    for m in (policy, ref):  # as TRL's min_new_tokens: no row ends early; no image opens
+        bias_text_logits(m, boi_id=-1e4, eos_id=-1e4)
+    stories = data.make_examples("story", n_prompts, "rl", seed=0, image_size=cfg.image_size)
+    examples = [types.SimpleNamespace(prompt=[("text", " ".join(e.prompt[0][1].split()[:prompt_len - 2]))]) for e in stories]
+    tok = policy.tokenizer
+    ids = [policy.encode_prompt(e.prompt)[0] for e in examples]
+    texts = [" ".join(tok.convert_ids_to_tokens(i)) for i in ids]
+    if {len(i) for i in ids} != {prompt_len} or [tok(t, add_special_tokens=False).input_ids for t in texts] != ids:
+        raise RuntimeError(f"vs_trl: prompts are not {prompt_len} tokens that round-trip through the tokenizer: {texts}")
+    return cfg, policy, ref, examples, texts
+
+
+def even_fraction(ro, group):
+    """The reward of both sides (tests/bench_trl.py has the same): the share of even token ids in a completion."""
+    m = ro.mask.cpu()
+    return {"reward": ((ro.ids.cpu() % 2 == 0).float() * m).sum(1) / m.sum(1).clamp(min=1)}
+
+
+def our_steps(policy, ref, opt, examples, cfg, k):
+    """k GRPO steps, the same rollout seeds each: [(seconds, grpo_step's metrics)]."""
+    out = []
+    for _ in range(k):
+        gens = [torch.Generator("cpu").manual_seed(i) for i in range(len(examples))]
+        t = time.perf_counter()
+        m = unigrpo.grpo_step(policy, ref, opt, examples, even_fraction, cfg, gens)
+        out.append((time.perf_counter() - t, m))
+    return out
+
+
+def trl_steps(python, tok_dir, texts, sizes, threads, k, warmup, seed):
+    """k timed TRL steps after `warmup` untimed ones, in a fresh process: bench_trl.py's JSON."""
+    cmd = [os.path.expanduser(python), os.path.join(ROOT, "tests", "bench_trl.py"), "--tokenizer", tok_dir,
+           "--prompts", json.dumps(texts), "--threads", str(threads), "--steps", str(k), "--warmup", str(warmup),
+           "--seed", str(seed), *[f"--{key}={v}" for key, v in sizes.items()]]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tok_dir)
+    if r.returncode:
+        raise RuntimeError(f"bench: tests/bench_trl.py failed with exit code {r.returncode}:\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def median_step(steps):
+    """The (seconds, split) of the median step (the upper one of an even count)."""
+    return sorted(steps, key=lambda s: s[0])[len(steps) // 2]
+
+
+def alternate(ours, theirs, pairs):
+    """Run the two sides in `pairs` pairs, TRL first in even pairs and ours first in odd ones, so that both see the
+    same load: (our steps, their steps, per-pair ratios of the median steps ours/theirs, their last report)."""
+    mine, got, ratios, child = [], [], [], None
+    for i in range(max(1, pairs)):
+        for side in ("theirs", "ours") if i % 2 == 0 else ("ours", "theirs"):
+            if side == "ours":
+                a = ours()
+                mine += a
+            elif theirs:
+                child = theirs(i)
+                b = list(zip(child["steps"], child["splits"]))
+                got += b
+        if theirs:
+            ratios.append(statistics.median(s for s, _ in a) / statistics.median(s for s, _ in b))
+    return mine, got, ratios, child
+
+
+def vs_trl_rows(trl_python, threads=(1,), pairs=5, steps=3, warmup=1, n_prompts=8, G=4, new_tokens=40, prompt_len=8,
+                n_embd=128, n_layer=4, n_head=4, seed=0):
+    """Ours against TRL in alternating pairs, per thread count: (header lines, table rows). Without a Python that
+    has trl, the TRL side is skipped (how to make one goes to stderr) and ours is still timed."""
+    versions, why = trl_side(trl_python)
+    if versions is None:
+        log(f"bench --vs_trl: the TRL row is skipped: {why}.\n{TRL_INSTALL}")
+    P, T, B = prompt_len, new_tokens, n_prompts * G
+    cfg, policy, ref, examples, texts = vs_trl_setup(n_prompts, G, T, P, n_embd, n_layer, n_head)
+    tc = policy.janus.config.text_config
+    H, L, I, V, heads = tc.hidden_size, tc.num_hidden_layers, tc.intermediate_size, tc.vocab_size, tc.num_attention_heads
+    ours_params = sum(p.numel() for p in policy.janus.model.language_model.parameters()) + policy.janus.lm_head.weight.numel()
+    sizes = dict(hidden=H, layers=L, heads=heads, intermediate=I, group=G, new_tokens=T, beta=cfg.kl_beta, lr=cfg.lr)
+    flops, shapes = grpo_flops(H, L, I, V, B, P, T), trunk_linears(H, L, I) + [(H, V)]
+    setting = (f"{n_prompts} prompts x G={G}, {P} + {T} tokens, Llama {H}x{L} (I {I}, {heads} heads, V {V}), float32, "
+               f"k3 KL {cfg.kl_beta}, 1 update pass, AdamW lr {cfg.lr:g}, grad clip {cfg.grad_clip:g}")
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    rows, child, tok_dir = [], None, tempfile.mkdtemp(prefix="unigrpo_bench_tok_")
+    try:
+        policy.tokenizer.save_pretrained(tok_dir)
+        for t in threads:
+            torch.set_num_threads(t)
+            log(f"vs_trl: torch threads {t}")
+            start = reset_peak("cpu")
+            rate = dict(decode=matmul_rate(B, shapes), teacher_forced=matmul_rate(B * (P + T), shapes))
+            our_steps(policy, ref, opt, examples, cfg, warmup)
+            theirs = (lambda i: trl_steps(trl_python, tok_dir, texts, sizes, t, steps, warmup, seed + i)) if versions else None
+            ours, got, ratios, child = alternate(lambda: our_steps(policy, ref, opt, examples, cfg, steps), theirs, pairs)
+            mem = peak_memory("cpu", start)
+            floor = {k: flops[k] / 1e9 / rate["decode" if k == "sampling" else "teacher_forced"] for k in flops}
+            split = lambda s, k: f"{k} {s:.3f}" + (f" (floor {floor[k]:.4f}, {s / floor[k]:.1f}x)" if floor[k] else "")
+            where = f"{setting}; torch threads {t}"
+            t_ours, m = median_step(ours)
+            if child:
+                t_trl, sp = median_step(got)
+                rows.append(("GRPO step, ours vs TRL", where, f"{statistics.median(ratios):.2f}x",
+                             f"time ours/TRL, the median of per-pair ratios (< 1: ours faster) · median steps ours "
+                             f"{t_ours:.3f} s vs TRL {t_trl:.3f} s · trunk + LM head params ours {ours_params:,} vs TRL "
+                             f"{child['params_trunk_head']:,} (of them embedding {V * H:,} vs {child['params_embedding']:,}) · "
+                             f"tokens: ours {m['completions/mean_text_tokens']:.0f} a completion, TRL prompt "
+                             f"{child['prompt_lens']} completion {child['completion_lens']} · TRL: threads {child['threads']}, "
+                             f"{child['attn_implementation']} attention (ours {tc._attn_implementation}), bf16 {child['bf16']}, "
+                             f"checkpointing {child['checkpointing']}, {child['optimizer']}",
+                             f"ours: {mem}; TRL: RSS {child['peak_rss_mib']:.0f} (child)"))
+            rows.append(("GRPO step, ours", where, f"{t_ours:.3f} s",
+                         " · ".join(split(m[f"time/{k}"], k) for k in ("sampling", "scoring", "reference", "update"))
+                         + " (grpo_step's timers, the median step; floor: analytic FLOPs at the torch.mm rate)", mem))
+            if child:
+                rows.append(("GRPO step, TRL GRPOTrainer", where, f"{t_trl:.3f} s",
+                             " · ".join(split(sp[k], k) for k in ("sampling", "scoring", "reference", "update"))
+                             + f" · other {sp['other']:.3f} (tokenise, decode, pad, advantages, metrics) (the median step; "
+                             "update: policy log-probs forward + backward, clip, AdamW)",
+                             f"RSS {child['peak_rss_mib']:.0f} (child)"))
+            rows.append(("matmul rate", f"torch.mm over the trunk's and LM head's weight shapes; torch threads {t}",
+                         f"{rate['decode']:.1f} / {rate['teacher_forced']:.1f} GFLOP/s",
+                         f"{B} rows (decode, for sampling) / {B * (P + T)} rows (teacher-forced) · FLOPs a step: sampling "
+                         f"{flops['sampling'] / 1e9:.2f} G, reference {flops['reference'] / 1e9:.2f} G, update "
+                         f"{flops['update'] / 1e9:.2f} G (2 x matmul params x tokens, 3x with the backward)", ""))
+    finally:
+        shutil.rmtree(tok_dir, ignore_errors=True)
+    v = child["versions"] if child else versions
+    side = (f"trl {v['trl']}, transformers {v['transformers']}, torch {v['torch']}"
+            + (f", accelerate {v['accelerate']}, datasets {v['datasets']}, python {v['python']}" if "python" in v else "")
+            if v else f"skipped: {why}")
+    header = [f"--vs_trl: ours in this process against TRL's GRPOTrainer in a child process ({side}); {pairs} alternating "
+              f"pair(s) of {steps} timed step(s) a side, after {warmup} untimed step(s) a side (TRL: in each child); CPU"]
+    return header, rows
+
+
+# -----------------------------------------------------------------------------
 
 
 def load_average(when):
@@ -418,8 +627,17 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the toy model runs fastest on one)")
     ap.add_argument("--pipeline", action="store_true", help="also time the default pipeline from an empty out_dir (minutes)")
     ap.add_argument("--out_dir", default="", help="a finished run: adds a GRPO step of its trained checkpoint")
+    ap.add_argument("--vs_trl", action="store_true", help="only: one GRPO step of ours against TRL's GRPOTrainer (CPU)")
+    ap.add_argument("--trl_python", default=os.environ.get("UNIGRPO_TRL_PYTHON", ""),
+                    help="a Python with trl installed (default: $UNIGRPO_TRL_PYTHON); without one the TRL side is skipped")
+    ap.add_argument("--vs_trl_threads", default="", help="comma-separated torch thread counts, e.g. 1,2 (default --threads)")
+    ap.add_argument("--vs_trl_pairs", type=int, default=None, help="alternating pairs {TRL, ours} (default --repeats; --quick 1)")
+    ap.add_argument("--vs_trl_steps", type=int, default=None, help="timed steps per side per pair (default 3; --quick 2)")
+    ap.add_argument("--vs_trl_warmup", type=int, default=1, help="untimed steps per side before the timed ones (TRL: per process)")
     args = ap.parse_args(argv)
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.vs_trl and (args.device not in ("auto", "cpu") or args.pipeline or args.out_dir):
+        raise SystemExit("bench: --vs_trl runs alone, on the CPU (TRL's side has use_cpu=True); drop --device/--pipeline/--out_dir")
+    dev = "cpu" if args.vs_trl else ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda but torch.cuda.is_available() is False; use --device cpu")
     if args.out_dir and not unigrpo.is_checkpoint(os.path.join(args.out_dir, "grpo")):
@@ -436,6 +654,13 @@ def main(argv=None):
               f"device {torch.cuda.get_device_name() if dev.startswith('cuda') else dev + ' (' + (platform.processor() or platform.machine()) + ')'}, "
               f"torch threads {torch.get_num_threads()}, CPUs {os.cpu_count()}, median of {repeats} repeat(s) after 1 warm-up",
               load_average("start") + f"; RSS after imports {current_rss():.0f} MiB"]
+    if args.vs_trl:
+        threads = [int(t) for t in (args.vs_trl_threads or str(args.threads)).split(",")]
+        more, rows = vs_trl_rows(args.trl_python, threads, args.vs_trl_pairs or repeats,
+                                 args.vs_trl_steps or (2 if q else 3), args.vs_trl_warmup)
+        header[1] = header[1].split(", torch threads")[0] + f", CPUs {os.cpu_count()}"
+        print_report(header[:2] + more + header[2:], rows)
+        return rows
     rows = []
     log("sampler vs generate")
     start = reset_peak(dev)
@@ -467,11 +692,15 @@ def main(argv=None):
             shutil.rmtree(work, ignore_errors=True)
     for detail, verdict, where in checks:
         rows.append(("calls per GRPO step", where, verdict, detail, ""))
+    print_report(header, rows)
+    return rows
+
+
+def print_report(header, rows):
     print("\n".join(header + [load_average("end"), ""]))
     print("| measurement | setting | result | detail | peak memory MiB |\n|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
-    return rows
 
 
 if __name__ == "__main__":
