@@ -89,6 +89,7 @@ use_format_reward = True  # r_f, structural fidelity
 use_text_reward = True    # r_t, textual relevance (toy critic / VLM critic)
 use_visual_reward = True  # r_v, visual-text alignment (CLIP score)
 process_reward = True     # add step-wise process advantages to the outcome advantage
+scale_rewards = "group"   # advantages divided by each group's reward std (the paper) | batch: one std for the batch
 visual_scorer = "clip"    # clip (tiny CLIP trained here) | clip_weak (trained 1/10 as long) | openclip:NAME | imagereward
 text_critic = "toy"       # toy | a HF id / folder of a VLM critic (full scale)
 # eval
@@ -166,7 +167,8 @@ RANGES = dict(  # every numeric key: a bad value fails here, not minutes later a
     lr=_POS, inner_epochs=_GE1, micro_batch=_GE1, clip_eps=_POS, kl_beta=(lambda v: v >= 0, "at least 0 (0 = no KL term)"), grad_clip=_POS,
     eval_prompts=_GE1, eval_interval=(lambda v: v >= 0, "at least 0 (0 = no held-out evaluation during GRPO)"),
     run_eval_prompts=_GE1, warmup_rise=_GE0, cfg_dropout=(lambda v: 0 <= v < 1, "in [0, 1)"), cpu_threads=(lambda v: v >= 0, "at least 0 (0 = torch's default)"))
-CHOICES = dict(stage=("prepare", "warmup", "grpo"), loss_type=("sequence", "token"), dtype=("float32", "bfloat16"))
+CHOICES = dict(stage=("prepare", "warmup", "grpo"), loss_type=("sequence", "token"), dtype=("float32", "bfloat16"),
+               scale_rewards=("group", "batch"))
 
 
 def validate(cfg):
@@ -440,14 +442,14 @@ class Rollout:
 
 
 def rollout_rows(ro, rows):
-    """Rows `rows` (a slice) of a Rollout, without the columns that are padding in all of them."""
+    """Rows `rows` (a LongTensor of indices) of a Rollout, without the columns that are padding in all of them."""
     keep = ro.prompt_mask[rows].any(0).nonzero()
     P0 = int(keep[0]) if len(keep) else ro.prompt_mask.shape[1]
     used = ro.mask[rows].any(0).nonzero()
     T = int(used[-1]) + 1 if len(used) else 1
     cut = lambda t: t[rows, :T]
-    return Rollout(ro.prompt_ids[rows, P0:], ro.prompt_mask[rows, P0:], ro.context[rows], cut(ro.ids), cut(ro.is_image),
-                   cut(ro.step), cut(ro.logp), cut(ro.mask), ro.finished[rows])
+    return Rollout(ro.prompt_ids[rows, P0:], ro.prompt_mask[rows, P0:], [ro.context[i] for i in rows.tolist()], cut(ro.ids),
+                   cut(ro.is_image), cut(ro.step), cut(ro.logp), cut(ro.mask), ro.finished[rows])
 
 
 def pad_prompts(model, prompts):
@@ -486,7 +488,7 @@ def head_logprobs(model, h, image, temperature, h_uncond=None, cfg_scale=1.0):
 
 
 def kv_cache(n_layers, capacity):
-    """A transformers Cache whose layers write into buffers sized for the whole rollout. The default
+    """A transformers Cache whose layers write into preallocated buffers, doubled when full. The default
     DynamicCache concatenates, copying every layer's keys and values at each decode step: at batch 32 that
     was 42% of the sampler's time."""
     from transformers.cache_utils import Cache, DynamicLayer
@@ -495,9 +497,12 @@ def kv_cache(n_layers, capacity):
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.dtype, self.device, self.is_initialized, self.length = key_states.dtype, key_states.device, True, 0
-                shape = (*key_states.shape[:2], capacity, key_states.shape[-1])
+                shape = (*key_states.shape[:2], max(capacity, key_states.shape[-2]), key_states.shape[-1])
                 self.k_buf, self.v_buf = key_states.new_empty(shape), value_states.new_empty(shape)
             end = self.length + key_states.shape[-2]
+            if end > self.k_buf.shape[-2]:
+                grow = lambda buf: torch.cat([buf, torch.empty_like(buf)], -2)
+                self.k_buf, self.v_buf = grow(self.k_buf), grow(self.v_buf)
             self.k_buf[:, :, self.length:end], self.v_buf[:, :, self.length:end] = key_states, value_states
             self.keys, self.values, self.length = self.k_buf[:, :, :end], self.v_buf[:, :, :end], end
             return self.keys, self.values
@@ -528,7 +533,7 @@ def _sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max
         prompt_ids = torch.cat([prompt_ids, unconditional_ids(model, prompt_ids, no_image)])
         prompt_mask, no_image, context = prompt_mask.repeat(2, 1), no_image.repeat(2, 1), context * 2
     P = prompt_ids.shape[1]
-    cache = kv_cache(model.janus.config.text_config.num_hidden_layers, P + max_new_tokens)
+    cache = kv_cache(model.janus.config.text_config.num_hidden_layers, P + min(max_new_tokens, 64))
     attn = torch.cat([prompt_mask, prompt_mask.new_ones(len(prompt_mask), max_new_tokens)], 1).bool()  # sliced per step
     pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     h = model.trunk(model.embed(prompt_ids, no_image), prompt_mask, pos, cache,
@@ -802,23 +807,32 @@ def warmup(cfg, log, mix=None):
 # GRPO maths: each equation of docs/method.md, once
 
 
-def group_advantages(rewards, group_size, eps=1e-4):
+def group_advantages(rewards, group_size, eps=1e-4, scale="group"):
     """Outcome advantage A_i = (R_i - mean(R)) / std(R) within each group of G rollouts of one prompt.
-    std is the unbiased one, as in TRL; eps keeps an all-equal group at exactly 0 (not NaN)."""
+    std is the unbiased one, as in TRL; eps keeps an all-equal group at exactly 0 (not NaN).
+    scale="batch" divides by one std for the whole batch, that of the rewards around their group means: a
+    group whose rollouts differ only by reward-model noise then stays small instead of being scaled up to 1."""
     r = rewards.view(-1, group_size)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+    centred = r - r.mean(1, keepdim=True)
+    std = r.std(1, keepdim=True) if scale == "group" else centred.pow(2).sum().div(r.numel() - 1).sqrt()
+    return (centred / (std + eps)).view(-1)
 
 
-def process_advantages(step_rewards, token_step, group_size, eps=1e-4):
+def process_advantages(step_rewards, token_step, group_size, eps=1e-4, scale="group"):
     """DeepSeekMath process supervision: normalise every step reward of the group by the mean/std of
     that collection, then give token t the sum of the normalised rewards of the steps that end at or
-    after t. step_rewards: [B, S] with NaN where a row has no such step; token_step: [B, T]."""
+    after t. step_rewards: [B, S] with NaN where a row has no such step; token_step: [B, T].
+    scale="batch": one std for the batch, as in group_advantages."""
     B, S = step_rewards.shape
     r = step_rewards.view(-1, group_size * S)
     valid = ~torch.isnan(r)
     n = valid.sum(1, keepdim=True).clamp(min=1)
     mean = torch.where(valid, r, 0.0).sum(1, keepdim=True) / n
-    var = torch.where(valid, (r - mean) ** 2, 0.0).sum(1, keepdim=True) / (n - 1).clamp(min=1)
+    sq = torch.where(valid, (r - mean) ** 2, 0.0)
+    if scale == "group":
+        var = sq.sum(1, keepdim=True) / (n - 1).clamp(min=1)
+    else:
+        var = sq.sum() / (valid.sum() - 1).clamp(min=1)
     norm = torch.where(valid, (r - mean) / (var.sqrt() + eps), 0.0).view(B, S)
     suffix = norm.flip(1).cumsum(1).flip(1)  # suffix[j] = sum of normalised rewards of steps >= j
     suffix = torch.cat([suffix, torch.zeros(B, 1)], 1)  # tokens past the last step get 0
@@ -991,15 +1005,19 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
     t1 = time.time()
     sc = score_fn(ro, group)
     R = sc["reward"].float()
-    adv = group_advantages(R, G)[:, None].expand_as(ro.logp).clone()
+    adv = group_advantages(R, G, scale=cfg.scale_rewards)[:, None].expand_as(ro.logp).clone()
     if cfg.process_reward:
-        adv = adv + process_advantages(sc["step_tensor"], ro.step.cpu(), G)
+        adv = adv + process_advantages(sc["step_tensor"], ro.step.cpu(), G, scale=cfg.scale_rewards)
     adv = adv.to(dev)
     t2 = time.time()
     B = len(group)
-    # micro-batches of rows, each cut to its own length: the forward's memory is that of micro_batch rollouts
-    parts = [(slice(i, i + cfg.micro_batch), rollout_rows(ro, slice(i, i + cfg.micro_batch)) if B > cfg.micro_batch else ro)
-             for i in range(0, B, cfg.micro_batch)]
+    # micro-batches of rows of similar length, each cut to its own length: the forward's memory is that of
+    # micro_batch rollouts, and little of it is padding (the loss is a sum over rows, so their order is free)
+    if B > cfg.micro_batch:
+        by_length = (ro.prompt_mask.sum(1) + ro.mask.sum(1)).argsort(stable=True)
+        parts = [(rows, rollout_rows(ro, rows)) for rows in by_length.split(cfg.micro_batch)]
+    else:
+        parts = [(slice(None), ro)]
     with amp():
         ref_logp = [reference_logprobs(ref, sub, cfg) for _, sub in parts] if ref is not None else None  # once per batch
     # 'token' loss: ranks hold different token counts, so each divides by the global count / world size
@@ -1228,7 +1246,7 @@ ONLY_BEFORE_GRPO = {"model", "vq_steps", "clip_steps", "warmup_iters", "warmup_b
                     "n_understanding", "interleaved_ratio", "warmup_data", "cfg_dropout"}  # shaped the prepared world and the warm-up, done by now
 ONLY_GRPO = {"temperature", "cfg_scale", "max_new_tokens", "max_text_tokens", "max_images", "grpo_iters", "prompts_per_step",
              "group_size", "lr", "inner_epochs", "clip_eps", "kl_beta", "loss_type", "use_format_reward", "use_text_reward",
-             "use_visual_reward", "process_reward", "visual_scorer", "text_critic", "rl_tasks", "rl_data"}
+             "use_visual_reward", "process_reward", "scale_rewards", "visual_scorer", "text_critic", "rl_tasks", "rl_data"}
 
 
 def check_resume(cfg, state, stage, path):

@@ -101,3 +101,21 @@ def test_t_interval_known_values():
     assert m == 3 and half == pytest.approx(2.7764 * math.sqrt(0.5), abs=1e-3) and p == pytest.approx(0.01324, abs=2e-4)
     assert E.paired_interval([0.5]) == (0.5, None, None)
     assert E.paired_interval([0.1, -0.1])[2] == pytest.approx(1.0)
+
+
+def test_batch_scaled_advantages_hand_computed():
+    # deviations from the group means: group 1 (1, 3) -> -1, +1; group 2 (5, 5.2) -> -0.1, +0.1
+    # one std for the batch: sqrt((1 + 1 + 0.01 + 0.01) / 3)
+    r = torch.tensor([1.0, 3.0, 5.0, 5.2])
+    std = math.sqrt(2.02 / 3)
+    a = group_advantages(r, 2, eps=0.0, scale="batch")
+    assert torch.allclose(a, torch.tensor([-1.0, 1.0, -0.1, 0.1]) / std, atol=1e-5)
+    # per group, the 0.2 gap of group 2 is scaled up to the advantages of group 1's gap of 2
+    assert torch.allclose(group_advantages(r, 2, eps=0.0), torch.tensor([-1.0, 1.0, -1.0, 1.0]) / math.sqrt(2), atol=1e-4)
+    # process rewards: one std over all the batch's deviations from their group's step mean
+    sr = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.5, 0.7]])  # G = 2: groups {1,0,0,1}, {.5,.5,.5,.7}
+    dev = torch.tensor([[0.5, -0.5], [-0.5, 0.5], [-0.05, -0.05], [-0.05, 0.15]])
+    s = dev.pow(2).sum().div(7).sqrt()
+    adv = process_advantages(sr, torch.tensor([[0, 1], [0, 1], [0, 1], [0, 1]]), 2, eps=0.0, scale="batch")
+    norm = dev / s
+    assert torch.allclose(adv, torch.stack([norm.sum(1), norm[:, 1]], 1), atol=1e-5)
