@@ -3,7 +3,7 @@ Evaluation: the toy benchmark with its oracle, retained abilities, the paper's a
 and MMIE / InterleavedBench from local copies.
 
     python eval.py --out_dir out                    # every stage checkpoint in out/ on the same held-out prompts
-    python eval.py --ablations --out_dir out        # the paper's ablation table in the toy world (--seeds 3, --rows ...)
+    python eval.py --ablations --out_dir out        # the paper's ablation table in the toy world (--seeds, --rows)
     python eval.py --benchmark mmie --data_path DIR # generate, write the official scorer's input, print a PROXY score
     python eval.py --benchmark interleavedbench --data_path DIR
 
@@ -15,15 +15,11 @@ full, nokl_g2, kl_g2, weak_rv). Every other flag is a unigrpo.py config key (pyt
 --help) and applies to every stage and ablation row, e.g. the budget: --grpo_iters, --warmup_iters,
 --prompts_per_step, --eval_prompts.
 
-The ORACLE is the honest number: no reward model is involved. For every expected answer step it
-reads the generated text with the grammar parser and the generated image with the pixel-level
-scene reader (data.parse_image), and checks
-  - text:  does the text state the true next scene?
-  - image: does the image show the scene its own text describes (render-and-compare)?
-  - step:  both, and the image shows the true scene.
-A CLIP reward that rises while the oracle stays flat is reward hacking.
-Retained abilities (the paper's MME-P / GenEval analogs): understanding accuracy (image in,
-description out, parsed) and text-to-image accuracy (description in, image read back by the oracle).
+The ORACLE is the honest number (no reward model): per expected answer step it parses the text and
+reads the image back (data.parse_image). text: the text states the true next scene; image: the image
+shows the scene its own text describes; step: both, and the image shows the true scene. A CLIP reward
+that rises while the oracle stays flat is reward hacking. Retained abilities (the paper's MME-P /
+GenEval analogs): understanding accuracy and text-to-image accuracy, both read by the oracle.
 """
 import argparse
 import json
@@ -33,6 +29,7 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -44,18 +41,8 @@ import data
 import rewards
 import unigrpo
 
-
-@torch.no_grad()
-def sample_answers(model, prompts, cfg, generator, batch=32, desc=None):
-    """One sampled answer per prompt, as segments (images PIL; None for a grid cut short by a limit).
-    Prompt images may be paths; they are loaded one batch at a time."""
-    out = []
-    for i in tqdm(range(0, len(prompts), batch), desc=desc, disable=True if desc is None else None):
-        ro = unigrpo.sample_interleaved(model, [load_segment_images(p) for p in prompts[i:i + batch]], cfg.temperature,
-                                        cfg.max_new_tokens, cfg.max_text_tokens, cfg.max_images, generator=generator,
-                                        cfg_scale=cfg.cfg_scale)
-        out += [segs for segs, _ in unigrpo.decode_rollout(model, ro)]
-    return out
+# -----------------------------------------------------------------------------
+# The toy evaluation: every stage checkpoint on the same held-out prompts, scored by the oracle
 
 
 def evaluate_checkpoint(path, cfg, n=None, critic_scorer=None, seed=0):
@@ -65,29 +52,331 @@ def evaluate_checkpoint(path, cfg, n=None, critic_scorer=None, seed=0):
     return unigrpo.evaluate(model, critic, scorer, cfg, n or cfg.eval_prompts, seed)
 
 
-COLUMNS = ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "text", "visual", "images", "understanding_acc", "t2i_acc")
+def stage_checkpoints(out_dir):
+    """{stage: path} of the stage checkpoints in out_dir, in training order (warmup, grpo)."""
+    paths = {name: os.path.join(out_dir, name) for name in ("warmup", "grpo")}
+    return {name: p for name, p in paths.items() if unigrpo.is_checkpoint(p)}  # a LoRA run holds adapters only
+
+
+EVAL_COLUMNS = ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "text", "visual", "images",
+                "understanding_acc", "t2i_acc")
 
 
 def markdown_table(results):
-    head = "| checkpoint | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS)
-    body = [f"| {name} | " + " | ".join(f"{r[c]:.3f}" if c in r else "-" for c in COLUMNS) + " |" for name, r in results.items()]
+    """{checkpoint: evaluate's metrics} -> one markdown table; "-" where a checkpoint lacks a metric."""
+    head = "| checkpoint | " + " | ".join(EVAL_COLUMNS) + " |\n|---|" + "---|" * len(EVAL_COLUMNS)
+    body = [f"| {name} | " + " | ".join(f"{r[c]:.3f}" if c in r else "-" for c in EVAL_COLUMNS) + " |"
+            for name, r in results.items()]
     return "\n".join([head] + body)
 
 
-# -----------------------------------------------------------------------------
-# MMIE and InterleavedBench: loaders, official-format writers, proxy scores
+@torch.no_grad()
+def sample_answers(model, prompts, cfg, generator, batch=32, desc=None):
+    """One sampled answer per prompt, as segments (images PIL; None for a grid cut short by a limit).
+    Prompt images may be paths; they are loaded one batch at a time."""
+    out = []
+    for i in tqdm(range(0, len(prompts), batch), desc=desc, disable=True if desc is None else None):
+        ro = unigrpo.sample_interleaved(model, [load_segment_images(p) for p in prompts[i:i + batch]],
+                                        cfg.temperature, cfg.max_new_tokens, cfg.max_text_tokens, cfg.max_images,
+                                        generator=generator, cfg_scale=cfg.cfg_scale)
+        out += [segs for segs, _ in unigrpo.decode_rollout(model, ro)]
+    return out
 
-# Benchmarks: MMIE and InterleavedBench. Loaders, writers in each official scorer's input layout,
-# the official MMIE scorer's reading and parsing rules, aggregation, and a local PROXY score.
+
+def load_segment_images(segments, image_size=None):
+    """Segments with image paths -> the same with RGB PIL images (resized if image_size), for the model."""
+    out = []
+    for kind, x in segments:
+        if kind == "image" and isinstance(x, str):
+            with Image.open(x) as im:
+                x = im.convert("RGB")
+            if image_size is not None and x.size != (image_size, image_size):
+                x = x.resize((image_size, image_size), Image.BICUBIC)
+        out.append((kind, x))
+    return out
+
+
+def _read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _dump_json(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, path)  # a crash never leaves a half-written file where a reader would find it
+    return path
+
+# -----------------------------------------------------------------------------
+# The paper's ablation table, reproduced in the toy world
+
+
+@dataclass(frozen=True)
+class AblationRow:
+    """One row of the paper's ablation table, and how the toy world reruns it."""
+    key: str                  # its --rows name
+    setting: str              # the paper's setting
+    flags: dict | None        # unigrpo flags on top of FULL_METHOD; None: no GRPO (the base model, the warm-up)
+    versus: str | None        # the key of the row it is compared with; None: the reference row
+    paper_mmie: float | None  # the paper's MMIE AVG (%); None: no valid interleaved output
+    paper_ib: float           # the paper's InterleavedBench AVG (0..5)
+
+
+# Each GRPO row is the full method with the paper's changes for that row; the paper's CLIP-instead-of-
+# ImageReward row becomes the tiny CLIP trained 1/10 as long (clip_weak) instead of the default one.
+ABLATIONS = {row.key: row for row in (
+    AblationRow("base", "base model, no warm-up, no GRPO", None, None, None, 0.51),
+    AblationRow("warmup", "warm-up only", None, "base", 53.31, 1.97),
+    AblationRow("rf", "warm-up + GRPO, r_f only",
+                dict(use_text_reward=False, use_visual_reward=False, process_reward=False), "warmup", 53.56, 2.05),
+    AblationRow("rt", "+ r_t", dict(use_visual_reward=False, process_reward=False), "rf", 54.62, 2.30),
+    AblationRow("rv", "+ r_v", dict(process_reward=False), "rt", 57.83, 2.79),
+    AblationRow("full", "+ process reward (full method)", {}, "rv", 59.50, 3.13),
+    AblationRow("nokl_g2", "no KL, G = 2", dict(kl_beta=0.0, group_size=2), "kl_g2", 53.04, 1.72),
+    AblationRow("kl_g2", "KL, G = 2", dict(group_size=2), "full", 55.14, 2.27),
+    AblationRow("weak_rv", "KL, G = 4, weaker r_v scorer (paper: CLIP score)", dict(visual_scorer="clip_weak"),
+                "full", 56.94, 2.58),
+)}
+FULL_METHOD = dict(use_format_reward=True, use_text_reward=True, use_visual_reward=True, process_reward=True,
+                   group_size=4)
+ABLATION_COLUMNS = ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "understanding_acc", "t2i_acc")
+NOT_SETTINGS = ("out_dir", "stage", "dry_run", "log_interval", "ckpt_interval", "storyboard_interval")  # no effect
+
+
+def _mean(v):
+    return sum(v) / len(v) if v else None
+
+
+def _mean_sd(v):
+    """Mean and sample standard deviation (None for fewer than two values)."""
+    m = _mean(v)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else None)
+
+
+def t_cdf(t, df):
+    """Student's t distribution function, by Simpson's rule over the density (exact to ~1e-9 here)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    pdf = lambda x: c * (1 + x * x / df) ** (-(df + 1) / 2)
+    n, a = 2000, abs(t)
+    h = a / n
+    area = h / 3 * sum(pdf(i * h) * (1 if i in (0, n) else 4 if i % 2 else 2) for i in range(n + 1))
+    return 0.5 + math.copysign(area, t)
+
+
+def t_quantile(p, df):
+    """The p quantile of Student's t, by bisection on t_cdf."""
+    lo, hi = -1e3, 1e3
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_interval(diffs, level=0.95):
+    """Mean of paired (same seed) differences, the half-width of its t interval at n - 1 degrees of
+    freedom, and the two-sided p-value of 'no difference'. Half-width and p are None for one pair."""
+    n = len(diffs)
+    m, sd = _mean_sd(diffs)
+    if n < 2:
+        return m, None, None
+    if sd == 0:
+        return m, 0.0, 0.0 if m != 0 else 1.0
+    se = sd / math.sqrt(n)
+    return m, t_quantile(0.5 + level / 2, n - 1) * se, 2 * (1 - t_cdf(abs(m) / se, n - 1))
+
+
+def ablation_trend(results, key, seeds, metric="oracle_step"):
+    """One line: does this row move the headline metric against its comparison row as in the paper?
+    Ours is the mean paired (same seed) difference with its 95% t interval and p-value; "within noise"
+    when the interval holds 0; with one seed only the sign can be compared."""
+    row = ABLATIONS[key]
+    if row.versus is None:
+        return "reference row"
+    ref = ABLATIONS[row.versus]
+    pairs = [(results.get(f"{key}/seed{k}"), results.get(f"{ref.key}/seed{k}")) for k in seeds]
+    d = [a[metric] - b[metric] for a, b in pairs if a is not None and b is not None]
+    if not d:
+        return f"vs {ref.setting}: not run"
+    arrow = lambda x: "↑" if x > 0 else "↓" if x < 0 else "="
+    papers = (("MMIE", ref.paper_mmie, row.paper_mmie), ("IB", ref.paper_ib, row.paper_ib))
+    paper = ", ".join(f"{name} {b - a:+.2f}" for name, a, b in papers if a is not None and b is not None)
+    m, half, p = paired_interval(d)
+    ours = f"{m:+.3f}" + (f", 95% CI [{m - half:+.3f}, {m + half:+.3f}], p = {p:.2g} ({len(d)} seeds)"
+                          if half is not None else " (1 seed)")
+    if all(x == 0 for x in d):
+        verdict = "flat: not reproduced"
+    elif half is not None and abs(m) <= half:
+        verdict = "within noise"
+    elif (m > 0) == (row.paper_ib > ref.paper_ib):
+        verdict = "agrees" if half is not None else "agrees in sign (1 seed, no spread)"
+    else:
+        verdict = "disagrees"
+    return f"vs {ref.setting}: paper {arrow(row.paper_ib - ref.paper_ib)} ({paper}); ours {arrow(m)} {ours}: {verdict}"
+
+
+def ablation_table(results, keys, seeds):
+    """ONE markdown table: per row the paper's numbers, our metrics (mean ± sample std over seeds) and the trend."""
+    cols = ["setting", "paper MMIE", "paper IB"] + list(ABLATION_COLUMNS) + ["trend of oracle_step vs the paper"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in ABLATIONS.values():
+        if row.key not in keys:
+            continue
+        runs = [results[f"{row.key}/seed{k}"] for k in seeds if f"{row.key}/seed{k}" in results]
+        cells = []
+        for c in ABLATION_COLUMNS:
+            m, sd = _mean_sd([r[c] for r in runs])
+            cells.append("–" if m is None else f"{m:.3f}" + (f" ± {sd:.3f}" if sd is not None else ""))
+        paper_mmie = "no valid interleaved output" if row.paper_mmie is None else f"{row.paper_mmie:.2f}"
+        lines.append(f"| {row.setting} | {paper_mmie} | {row.paper_ib:.2f} | " + " | ".join(cells)
+                     + f" | {ablation_trend(results, row.key, seeds)} |")
+    return "\n".join(lines)
+
+
+def _share(run, **targets):
+    """A run's out_dir sees stages made elsewhere through links (name -> folder): nothing is copied or retrained."""
+    os.makedirs(run, exist_ok=True)
+    for name, target in targets.items():
+        link = os.path.join(run, name)
+        if not os.path.lexists(link):
+            os.symlink(os.path.relpath(target, run), link, target_is_directory=True)
+
+
+def run_ablations(cfg, argv, n_seeds=3, only=""):
+    """Every ablation row x seed through unigrpo.main: one prepared world, one warm-up per seed shared by the
+    rows, each GRPO row in OUT_DIR/ablations/ROW/seedK, all evaluated with the default scorers. Writes
+    ablations.md and ablations.json, whose finished (row, seed) results a rerun skips and runners with
+    disjoint --rows may share once the warm-up exists. A killed GRPO run resumes from its checkpoint."""
+    chosen = [k.strip() for k in only.split(",") if k.strip()] or list(ABLATIONS)
+    if [k for k in chosen if k not in ABLATIONS] or n_seeds < 1:
+        unigrpo.fail(f"--rows takes a comma-separated subset of {', '.join(ABLATIONS)} (got {only!r}) and "
+                     f"--seeds a positive number (got {n_seeds})")
+    if cfg.kl_beta <= 0:
+        raise SystemExit("error: the ablations need --kl_beta > 0 (the KL rows use it; the no-KL row sets 0 itself)")
+    root = os.path.join(cfg.out_dir, "ablations")
+    path = os.path.join(root, "ablations.json")
+    settings = {k: v for k, v in vars(cfg).items() if k not in NOT_SETTINGS}
+    saved = {"settings": settings, "results": {}}
+    if os.path.exists(path):
+        saved = _read_json(path)
+        diff = sorted(k for k in settings.keys() | saved["settings"].keys()
+                      if settings.get(k) != saved["settings"].get(k))
+        if diff:
+            raise SystemExit(f"error: {path} holds results made with other settings ("
+                             + ", ".join(f"--{k}={saved['settings'].get(k)!r}" for k in diff)
+                             + "); pass the same settings to continue it, or use another --out_dir")
+    print(f"[ablations] common start: the prepared world in {cfg.out_dir}; one warm-up per seed in {root}/warmup")
+    unigrpo.main([*argv, f"--out_dir={cfg.out_dir}", "--stage=prepare"])
+    base = cfg.model or os.path.join(root, "base_model")  # an untrained start: the paper's "base model" row
+    if not cfg.model and not unigrpo.is_checkpoint(base):
+        tok, vq, _ = unigrpo.load_prepared(cfg)
+        torch.manual_seed(cfg.seed)
+        unigrpo.save_checkpoint(unigrpo.UnifiedModel(unigrpo.tiny_janus(tok, vq, cfg), tok), base, {"iter": 0})
+    seeds = range(n_seeds)
+    todo = [(key, k) for key in chosen for k in seeds]
+    for i, (key, k) in enumerate(todo, 1):
+        result_key, tag = f"{key}/seed{k}", f"[ablations {i}/{len(todo)}] {key} seed {k}"
+        if result_key in saved["results"]:
+            print(f"{tag}: finished earlier, skipped")
+            continue
+        flags = ABLATIONS[key].flags
+        t0 = time.time()
+        # this seed's warm-up, so that every row's spread holds training noise (the warm-up row's too)
+        warm = os.path.join(root, "warmup", f"seed{k}")
+        _share(warm, prepare=os.path.join(cfg.out_dir, "prepare"))
+        unigrpo.main([*argv, f"--out_dir={warm}", "--stage=warmup", f"--seed={cfg.seed + k}"])
+        if flags is None:  # no GRPO: evaluate the untrained model or this seed's warm-up
+            ckpt = base if key == "base" else os.path.join(warm, "warmup")
+        else:
+            run = os.path.join(root, key, f"seed{k}")
+            _share(run, prepare=os.path.join(cfg.out_dir, "prepare"), warmup=os.path.join(warm, "warmup"))
+            grpo_argv = [*argv, f"--out_dir={run}", "--stage=grpo"] + [
+                f"--{a}={v}" for a, v in {**FULL_METHOD, **flags, "seed": cfg.seed + k}.items()]
+            print(f"{tag}: GRPO, {cfg.grpo_iters} iters, as python unigrpo.py {' '.join(grpo_argv)}")
+            unigrpo.main(grpo_argv)
+            ckpt = os.path.join(run, "grpo")
+        print(f"{tag}: evaluating {ckpt} on {cfg.eval_prompts} held-out prompts")
+        res = evaluate_checkpoint(ckpt, SimpleNamespace(**{**vars(cfg), "seed": cfg.seed + k}), seed=cfg.seed + k)
+        if os.path.exists(path):  # re-read: another runner with other --rows may share this out_dir
+            saved["results"] = {**_read_json(path)["results"], **saved["results"]}
+        saved["results"][result_key] = res
+        os.makedirs(root, exist_ok=True)
+        _dump_json(saved, path)  # after every row: a killed run loses at most the row in progress
+        print(f"{tag}: oracle_step {res['oracle_step']:.3f}, reward {res['reward']:.3f} ({time.time() - t0:.0f} s)")
+    table = ablation_table(saved["results"], chosen, seeds)
+    cmd = " ".join(["python eval.py --ablations", f"--seeds={n_seeds}"] + ([f"--rows={only}"] if only else []) + argv)
+    md = (f"# Ablations in the toy world\n\n`{cmd}`\n\n"
+          f"GRPO iterations per row: {cfg.grpo_iters}; warm-up: {cfg.warmup_iters} iterations, one per seed, "
+          f"shared by the rows; {cfg.eval_prompts} held-out prompts per evaluation; "
+          f"seeds {cfg.seed}..{cfg.seed + n_seeds - 1}.\n"
+          "Our cells: mean ± sample std over seeds (the seed changes the warm-up, GRPO's prompts and sampling, and "
+          "the evaluation's prompts and sampling). The headline is oracle_step (no reward model involved). "
+          "Every checkpoint is scored with the default r_t / r_v models, so the reward column is comparable across "
+          "rows. The paper's columns are MMIE AVG (%) and InterleavedBench AVG (0..5), a different metric on "
+          "different data: compare trends, not values.\n\n" + table + "\n")
+    with open(os.path.join(root, "ablations.md"), "w", encoding="utf-8") as f:
+        f.write(md)
+    print(table)
+    print(f"[ablations] wrote {path} and {os.path.join(root, 'ablations.md')}")
+    return saved
+
+# -----------------------------------------------------------------------------
+# The command line
+
+
+def parse_args(argv):
+    """eval.py's own flags; everything else goes to unigrpo.get_config (type-checked there)."""
+    p = argparse.ArgumentParser(prog="eval.py", add_help=False, allow_abbrev=False)  # --seed is not --seeds
+    p.add_argument("--benchmark", default="")
+    p.add_argument("--data_path", default="")
+    p.add_argument("--checkpoint", default="")
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--skip_bad", action="store_true")
+    p.add_argument("--ablations", action="store_true")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--rows", default="")
+    return p.parse_known_args(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(__doc__)
+        raise SystemExit(0)
+    args, rest = parse_args(argv)
+    cfg = unigrpo.get_config(rest)
+    if args.benchmark or args.data_path:
+        if args.benchmark not in BENCHMARKS:
+            what = f"unknown --benchmark {args.benchmark!r}" if args.benchmark else "--data_path needs --benchmark"
+            unigrpo.fail(f"{what}; choose one of {', '.join(BENCHMARKS)}")
+        if not args.data_path:
+            unigrpo.fail(f"--benchmark {args.benchmark} needs --data_path DIR, the folder holding "
+                         f"{BENCHMARKS[args.benchmark][1]} and its images (or the JSON file itself)")
+        if args.ablations:
+            unigrpo.fail("--ablations and --benchmark are separate runs; pass one of them")
+        return run_benchmark(cfg, args.benchmark, args.data_path, args.checkpoint, args.limit, args.skip_bad)
+    if args.ablations:
+        return run_ablations(cfg, rest, args.seeds, args.rows)
+    results = {}
+    for name, path in stage_checkpoints(cfg.out_dir).items():
+        results[name] = evaluate_checkpoint(path, cfg)
+        print(f"{name}: {json.dumps(results[name])}")
+    if not results:
+        raise SystemExit(f"error: no checkpoints in {cfg.out_dir}; "
+                         f"run python unigrpo.py --stage grpo --out_dir {cfg.out_dir} first")
+    print(markdown_table(results))
+    _dump_json(results, os.path.join(cfg.out_dir, "eval.json"))
+    return results
+
+# =============================================================================
+# Benchmarks: MMIE and InterleavedBench (a first reading may stop here)
 #
-# Neither official judge runs offline (MMIE-Score is a gated 4B model, InterleavedBench's is GPT-4o),
-# so this section (1) writes generations exactly as the official scorers read them, for a user to
-# score officially, and (2) scores them locally with our own reward models. The local numbers are
-# always labelled "proxy": they keep each benchmark's aggregation rules but are a different metric,
-# never to be put next to published numbers as if they were the same.
-#
-# Records are plain dicts; a segment is ("text", str) or ("image", absolute path) as loaded (the
-# writers also take PIL images). load_segment_images turns the paths into PIL images for the model.
+# Neither official judge runs offline (MMIE-Score is a gated 4B model, InterleavedBench's is GPT-4o), so
+# this section writes generations exactly as the official scorers read them, for a user to score
+# officially, and scores them locally with our own reward models. Local numbers are always labelled
+# "proxy": each benchmark's aggregation rules on a different metric, never comparable with published ones.
+# A record is a plain dict; a segment is ("text", str) or ("image", absolute path, or a PIL image to write).
+
 MMIE_CATEGORIES = ("SA", "PBL", "MSR")  # tested as substrings of the id, in this order (as the official scorer does)
 MMIE_MAX_IMAGES = 4      # the official scorer drops samples with more images than this (of those it read)
 MMIE_IMAGE_CUTOFF = 3    # ... and stops reading the answer once this many images were read in total
@@ -110,8 +399,7 @@ def _read_json_list(data_path, default_name, bench):
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{bench}: {file} not found; pass the folder that holds {default_name}, or the file")
     try:
-        with open(file, encoding="utf-8") as f:
-            obj = json.load(f)
+        obj = _read_json(file)
     except json.JSONDecodeError as err:
         raise ValueError(f"{file}: invalid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
@@ -146,31 +434,104 @@ def _split_placeholders(text, paths):
     return segs
 
 
-def _record_name(i, item):
-    rid = item.get("id") if isinstance(item, dict) else None
-    return f"record {i} (id {rid!r})" if rid is not None else f"record {i} (no id)"
+def _record_id(item, why=""):
+    """Every benchmark record is a JSON object with a non-empty string id."""
+    if not isinstance(item, dict):
+        _bad(f"expected a JSON object, got {type(item).__name__}")
+    rid = item.get("id")
+    if not isinstance(rid, str) or not rid.strip():
+        _bad(f'missing id: a non-empty string "id" is needed{why}, got {rid!r:.40}')
+    return rid
+
+
+def _turns(item, humans, gpts, human_is, gpt_after_human=True):
+    """A record's "conversations" -> (turns, index of the first human turn, of the first gpt turn or None,
+    notes on the turns ignored). humans / gpts: the role names accepted for each."""
+    convs = item.get("conversations")
+    if not isinstance(convs, list):
+        _bad(f'"conversations" must be a list of {{"from", "value"}} turns, got {type(convs).__name__}')
+    human = gpt = None
+    notes = []
+    for j, turn in enumerate(convs):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or "from" not in turn:
+            _bad(f'conversations[{j}] must be an object with "from" and a string "value", got {turn!r:.80}')
+        role = turn["from"]
+        if role in humans and human is None:
+            human = j
+        elif role in gpts and gpt is None and (human is not None or not gpt_after_human):
+            gpt = j
+        else:
+            notes.append(f"conversations[{j}] (from {role!r}) ignored")
+    if human is None:
+        _bad(f"no human turn (the {human_is}); the turns are from {[t['from'] for t in convs]}")
+    return convs, human, gpt, notes
+
+
+def _check_pairing(n, images, where):
+    if n != len(images):
+        _bad(f"{n} <image> placeholders in {where} but {len(images)} paths in \"image\"; "
+             "they are paired in order, so the counts must agree")
 
 
 def _load_records(data_path, default_name, bench, parse_one, strict):
-    """Shared loop: parse every record, check ids are unique, raise or skip with the record named."""
+    """Parse every record and check ids are unique -> (records, skipped). strict: the first bad record raises,
+    naming file, index, id and problem; else it is skipped. skipped names every part not read."""
     file, folder, items = _read_json_list(data_path, default_name, bench)
     records, skipped, first = [], [], {}
     for i, item in enumerate(items):
-        name = _record_name(i, item)
+        rid = item.get("id") if isinstance(item, dict) else None
+        where = f"record {i} (id {rid!r})" if rid is not None else f"record {i} (no id)"
         try:
             rec, notes = parse_one(item, folder)
             if rec["id"] in first:
                 _bad(f"duplicate id (also record {first[rec['id']]}); scores are keyed by id")
         except BenchmarkFormatError as err:
             if strict:
-                raise BenchmarkFormatError(f"{file}: {name}: {err}") from None
-            skipped.append(f"{name}: record skipped: {err}")
+                raise BenchmarkFormatError(f"{file}: {where}: {err}") from None
+            skipped.append(f"{where}: record skipped: {err}")
             continue
         first[rec["id"]] = i
         rec["index"] = i
         records.append(rec)
-        skipped += [f"{name}: {n}" for n in notes]
+        skipped += [f"{where}: {n}" for n in notes]
     return records, skipped
+
+
+def _safe_name(s):
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", s)
+
+
+def _put_image(x, out_dir, stem):
+    """Save a PIL image as PNG, or copy an image file (keeping its extension), to out_dir/images/stem.*;
+    returns the path relative to out_dir, as the scorers want."""
+    if isinstance(x, str):
+        rel = os.path.join("images", stem + (os.path.splitext(x)[1].lower() or ".png"))
+        shutil.copyfile(x, os.path.join(out_dir, rel))
+    elif isinstance(x, Image.Image):
+        rel = os.path.join("images", stem + ".png")
+        x.save(os.path.join(out_dir, rel), format="PNG")
+    else:
+        raise TypeError(f"an image segment must hold a PIL image or a path, got {type(x).__name__}")
+    return rel.replace(os.sep, "/")
+
+
+def _answer_segments(answer):
+    return [("text", answer)] if isinstance(answer, str) else list(answer)
+
+
+def _write_segments(segments, out_dir, stem, where, part=""):
+    """Segments -> the written [{"text", "image"}, ...] list, images saved as images/STEM<k>.* (k counts
+    from 0). A None image (a grid cut short by a limit) has nothing to show a judge and is left out."""
+    out, k = [], 0
+    for kind, x in segments:
+        if kind == "text":
+            out.append({"text": x, "image": None})
+        elif kind == "image" and x is not None:
+            out.append({"text": None, "image": _put_image(x, out_dir, f"{stem}{k}")})
+            k += 1
+        elif kind != "image":
+            raise ValueError(f"{where}: unknown segment kind {kind!r}" + (f" in the {part}" if part else ""))
+    return out
 
 # --- MMIE
 
@@ -225,52 +586,22 @@ def _mmie_from_scorer_layout(item, folder):
 
 
 def _mmie_from_conversation_layout(item, folder):
-    convs = item["conversations"]
-    if not isinstance(convs, list):
-        _bad(f'"conversations" must be a list of {{"from", "value"}} turns, got {type(convs).__name__}')
     images = item.get("image", item.get("images"))
     images = [] if images is None else [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         _bad(f'"image" must be a list of paths, got {images!r:.80}')
-    human = gpt = None
-    notes, used = [], 0  # used: images taken by earlier turns' placeholders (paired in order over all turns)
-    spans = []
-    for j, turn in enumerate(convs):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or "from" not in turn:
-            _bad(f'conversations[{j}] must be an object with "from" and a string "value", got {turn!r:.80}')
-        n = turn["value"].count("<image>")
-        spans.append((used, used + n))
-        used += n
-        role = turn["from"]
-        if role in ("human", "user") and human is None:
-            human = j
-        elif role in ("gpt", "assistant") and human is not None and gpt is None:
-            gpt = j
-        else:
-            notes.append(f"conversations[{j}] (from {role!r}) ignored")
-    if human is None:
-        _bad(f"no human turn (the question); the turns are from {[t['from'] for t in convs]}")
-    if used != len(images):
-        _bad(f"{used} <image> placeholders in the conversation but {len(images)} paths in \"image\"; "
-             "they are paired in order, so the counts must agree")
+    convs, human, gpt, notes = _turns(item, ("human", "user"), ("gpt", "assistant"), "question")
+    counts = [turn["value"].count("<image>") for turn in convs]
+    _check_pairing(sum(counts), images, "the conversation")
     paths = [_find_image(folder, p, ("images",)) for p in images]
-    seg = lambda j: _split_placeholders(convs[j]["value"], paths[spans[j][0]:spans[j][1]])
+    start = lambda j: sum(counts[:j])  # placeholders take the images in order over all turns
+    seg = lambda j: _split_placeholders(convs[j]["value"], paths[start(j):start(j + 1)])
     question = seg(human)
     answer = seg(gpt) if gpt is not None else []
     if gpt is None:
         notes.append("no gpt turn: no reference answer")
     gt = "\n".join(x for k, x in answer if k == "text") or None
     return question, answer, gt, "gt", notes
-
-
-def _record_id(item, why=""):
-    """Every benchmark record is a JSON object with a non-empty string id."""
-    if not isinstance(item, dict):
-        _bad(f"expected a JSON object, got {type(item).__name__}")
-    rid = item.get("id")
-    if not isinstance(rid, str) or not rid.strip():
-        _bad(f'missing id: a non-empty string "id" is needed{why}, got {rid!r:.40}')
-    return rid
 
 
 def _mmie_record(item, folder):
@@ -295,105 +626,35 @@ def _mmie_record(item, folder):
 
 
 def load_mmie(data_path, strict=True):
-    """MMIE records from DIR/data.json (or the JSON file itself), every record checked.
-
-    Two record layouts are read, chosen per record by its keys:
-      conversation  {"id", "conversations": [{"from", "value"}], "image": [paths]}: the human turn is
-                    the question, the first gpt turn after it the reference answer; every "<image>"
-                    in the turns takes the next path of "image", in order ("images" / "user" /
-                    "assistant" are accepted as aliases; other turns are ignored and reported).
-      scorer        the official scorer's input {"id", "question": [{"text", "image"}], "answer",
-                    "model", "gt_answer"}; with "model": "gt" and a null gt text, the answer's text
-                    is the reference.
-    Image paths are relative to the JSON's folder (DIR/p, else DIR/images/p); absolute paths are kept.
-    Returns (records, skipped). A record is a dict: id, category ("SA"/"PBL"/"MSR" by substring of
-    the id), question and answer (segments, images as absolute paths), gt (reference text or None),
-    model, layout, index (position in the file). skipped lists, as "record i (id ..): what", every
-    part that was not read: ignored turns, a missing gt_answer / gpt turn and, with strict=False,
-    whole records that failed a check. With strict=True (default) the first bad record raises a
-    ValueError naming the file, record index, id and what is wrong (missing id, unknown category,
-    missing image file, no human turn, placeholder/image count mismatch, unknown layout, ...).
+    """MMIE records from DIR/data.json (or the file itself) as _load_records returns them, in two layouts:
+      conversation  {"id", "conversations": [{"from", "value"}], "image": [paths]}: the human turn is the
+                    question, the first gpt turn after it the reference; each "<image>" takes the next path.
+      scorer        the official scorer's input {"id", "question": [{"text", "image"}], "answer", "model",
+                    "gt_answer"}; with "model": "gt" and a null gt text, the answer's text is the reference.
+    A record: id, category, question, answer (segments), gt (reference text or None), model, layout, index.
     """
     return _load_records(data_path, "data.json", "MMIE", _mmie_record, strict)
 
 
-def load_segment_images(segments, image_size=None):
-    """Segments with image paths -> the same with RGB PIL images (resized if image_size), for the model."""
-    out = []
-    for kind, x in segments:
-        if kind == "image" and isinstance(x, str):
-            with Image.open(x) as im:
-                x = im.convert("RGB")
-            if image_size is not None and x.size != (image_size, image_size):
-                x = x.resize((image_size, image_size), Image.BICUBIC)
-        out.append((kind, x))
-    return out
-
-
-def _safe_name(s):
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", s)
-
-
-def _put_image(x, out_dir, stem):
-    """Save a PIL image as PNG, or copy an image file (keeping its extension), to out_dir/images/stem.*;
-    returns the path relative to out_dir, as the scorers want."""
-    if isinstance(x, str):
-        rel = os.path.join("images", stem + (os.path.splitext(x)[1].lower() or ".png"))
-        shutil.copyfile(x, os.path.join(out_dir, rel))
-    elif isinstance(x, Image.Image):
-        rel = os.path.join("images", stem + ".png")
-        x.save(os.path.join(out_dir, rel), format="PNG")
-    else:
-        raise TypeError(f"an image segment must hold a PIL image or a path, got {type(x).__name__}")
-    return rel.replace(os.sep, "/")
-
-
-def _answer_segments(answer):
-    return [("text", answer)] if isinstance(answer, str) else list(answer)
-
-
-def _dump_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)  # a crash never leaves a half-written file where a scorer would read it
-
-
 def write_mmie_outputs(records, answers, model_name, out_dir):
-    """Write OUT/data.json exactly as the official MMIE scorer reads it, with every image under OUT/images.
-
-    answers[i] is the answer to records[i]: a list of ("text", str) / ("image", PIL image or path or
-    None) segments, or a plain string. Question images are copied and generated images saved as PNG
-    into OUT/images; paths in the JSON are relative to OUT ("images/0_SA-1_a0.png"). A None image (a
-    grid cut short by a limit) has nothing to show the judge and is left out. gt_answer is
-    [{"text": reference, "image": null}] for MSR (the only category whose judge reads it) and
-    [{"text": null, "image": null}] otherwise. Returns the path of data.json.
-    """
+    """Write OUT/data.json exactly as the official MMIE scorer reads it, images under OUT/images; returns its path.
+    answers[i] answers records[i]: segments (images PIL, paths or None) or a string. Only MSR's judge reads
+    the reference, so gt_answer holds it for MSR and a null text otherwise."""
     if len(records) != len(answers):
         raise ValueError(f"{len(records)} records but {len(answers)} answers")
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    rows = []
+    entries = []
     for i, (rec, ans) in enumerate(zip(records, answers)):
-        stem = f"{i}_{_safe_name(rec['id'])}"  # the index keeps names unique whatever the ids hold
+        stem, where = f"{i}_{_safe_name(rec['id'])}", f"record {i} (id {rec['id']!r})"  # i keeps names unique
         category = rec.get("category") or mmie_category(rec["id"])
         if category == "MSR" and not rec.get("gt"):
-            raise ValueError(f"record {i} (id {rec['id']!r}): MSR needs the reference answer text (gt)")
-        row = {"id": rec["id"], "question": [], "answer": [], "model": model_name,
-               "gt_answer": [{"text": rec["gt"] if category == "MSR" else None, "image": None}]}
-        for part, segs, tag in (("question", rec["question"], "q"), ("answer", _answer_segments(ans), "a")):
-            k = 0
-            for kind, x in segs:
-                if kind == "text":
-                    row[part].append({"text": x, "image": None})
-                elif kind == "image" and x is not None:
-                    row[part].append({"text": None, "image": _put_image(x, out_dir, f"{stem}_{tag}{k}")})
-                    k += 1
-                elif kind != "image":
-                    raise ValueError(f"record {i} (id {rec['id']!r}): unknown segment kind {kind!r} in the {part}")
-        rows.append(row)
-    path = os.path.join(out_dir, "data.json")
-    _dump_json(rows, path)
-    return path
+            raise ValueError(f"{where}: MSR needs the reference answer text (gt)")
+        entries.append({"id": rec["id"],
+                     "question": _write_segments(rec["question"], out_dir, f"{stem}_q", where, "question"),
+                     "answer": _write_segments(_answer_segments(ans), out_dir, f"{stem}_a", where, "answer"),
+                     "model": model_name,
+                     "gt_answer": [{"text": rec["gt"] if category == "MSR" else None, "image": None}]})
+    return _dump_json(entries, os.path.join(out_dir, "data.json"))
 
 
 def _scorer_pairs(segments):
@@ -411,24 +672,17 @@ def _scorer_pairs(segments):
 
 
 def mmie_scorer_view(record, input_dir=None):
-    """(question_text, answer_text, images): what the official MMIE scorer builds from one record.
-
-    Mirrors its reader (dataset.py of github.com/Lillianwei-h/MMIE): per segment the text, then a
-    newline; per image that exists a line "Image-k: <image>" (k counts from 0 over question and
-    answer). In the answer the check "3 images read?" comes after a segment's text and after its
-    image, and stops reading the answer entirely; so if the question alone has 3+ images, the first
-    answer segment's text is still read and nothing after it. record is a scorer-input dict (as in
-    the written data.json) or a loaded record (tuple segments). With input_dir, an image counts only
-    if input_dir/path exists (the official reader prints "not found" and skips it), and images are
-    returned joined to input_dir; without it every non-null image counts.
-    """
+    """(question_text, answer_text, images): what the official MMIE scorer (dataset.py of
+    github.com/Lillianwei-h/MMIE) builds from a scorer-input dict or a loaded record. With input_dir, an
+    image counts only if input_dir/path exists (the official reader skips it) and is returned joined to it."""
     return _mmie_read(record, input_dir)[:3]
 
 
 def _mmie_read(record, input_dir=None):
-    """mmie_scorer_view's reading loop; also returns the answer segments the judge reads (for the proxy)."""
+    """Per segment the text and a newline, per image "Image-k: <image>"; the answer stops once 3 images were
+    read, checked after each text and each image. Also returns the answer segments read (for the proxy)."""
     exists = (lambda p: True) if input_dir is None else (lambda p: os.path.exists(os.path.join(input_dir, p)))
-    where = (lambda p: p) if input_dir is None else (lambda p: os.path.join(input_dir, p))
+    resolve = (lambda p: p) if input_dir is None else (lambda p: os.path.join(input_dir, p))
     images, texts, read = [], ["", ""], []
     for part, segs in enumerate((record["question"], record.get("answer") or [])):
         for text, image in _scorer_pairs(segs):
@@ -439,7 +693,7 @@ def _mmie_read(record, input_dir=None):
                 break
             if image is not None and exists(image):
                 texts[part] += f"Image-{len(images)}: <image>\n"
-                images.append(where(image))
+                images.append(resolve(image))
                 read += [("image", images[-1])] if part else []
             if part == 1 and len(images) >= MMIE_IMAGE_CUTOFF:
                 break
@@ -447,18 +701,14 @@ def _mmie_read(record, input_dir=None):
 
 
 def mmie_dropped(record, input_dir=None):
-    """True if the official scorer drops this sample: more than 4 images among those it READ (the
-    question's, plus the answer's up to the cut-off). The cut-off means answer images never push a
-    sample over 4: in practice a sample is dropped when its question alone has 5+ images."""
+    """True if the official scorer drops this sample: more than 4 images among those it READ."""
     return len(mmie_scorer_view(record, input_dir)[2]) > MMIE_MAX_IMAGES
 
 
 def parse_mmie_score(text):
     """The official parse of an MMIE-Score reply: the first number after '### Score', rounded (Python's
     round, so 2.5 -> 2), kept only if 0 <= s <= 6; else None (unparsable)."""
-    if not isinstance(text, str):
-        return None
-    m = re.search(r"### Score.*?(-?\d+(\.\d+)?)", text, re.DOTALL)
+    m = re.search(r"### Score.*?(-?\d+(\.\d+)?)", text, re.DOTALL) if isinstance(text, str) else None
     if m is None:
         return None
     s = round(float(m.group(1)))
@@ -466,14 +716,9 @@ def parse_mmie_score(text):
 
 
 def aggregate_mmie(scores_by_id, categories_by_id, label="proxy"):
-    """MMIE aggregation: per-category mean of the valid scores, and AVG = mean over ALL valid samples
-    (weighted by category size, not the mean of the three means); percent = mean / 6 * 100.
-
-    scores_by_id: id -> a judge reply (str, parsed by parse_mmie_score), a number on 0..6 (used as
-    it is, so a continuous proxy keeps its resolution), or None. Unparsable, None, NaN and
-    out-of-range values are invalid: excluded, counted and listed. label says what the scores are:
-    "proxy" unless they come from the official judge (then pass label="MMIE-Score").
-    """
+    """MMIE aggregation: per-category means and AVG = mean over ALL valid samples (weighted by category size);
+    percent = mean / 6 * 100. A score is a judge reply, a number on 0..6 or None; invalid ones are counted.
+    label: "proxy" unless the official judge scored ("MMIE-Score")."""
     groups, invalid = {c: [] for c in MMIE_CATEGORIES}, []
     for rid, s in scores_by_id.items():
         cat = categories_by_id.get(rid)
@@ -487,7 +732,7 @@ def aggregate_mmie(scores_by_id, categories_by_id, label="proxy"):
             groups[cat].append(float(s))
 
     def summary(v):
-        mean = sum(v) / len(v) if v else None
+        mean = _mean(v)
         return {"n": len(v), "mean": mean, "percent": None if mean is None else mean / 6 * 100}
     out = {"label": label, **{c: summary(v) for c, v in groups.items()},
            "AVG": summary([s for v in groups.values() for s in v])}
@@ -498,10 +743,8 @@ def aggregate_mmie(scores_by_id, categories_by_id, label="proxy"):
 
 
 def ib_text_aspects_scored(task_name):
-    """False on sequential image editing and multi-concept composition, whose text aspects the judge
-    does not score. Their exact task_name strings are not published (the known ones are
-    wikihow_next_step, report/education/marketing/storytelling_generation), so a task counts as
-    one of them when its name contains "edit" or "composition" (case-insensitive)."""
+    """False on image editing and multi-concept composition, whose text aspects the judge does not score;
+    their task names are not published, so "edit" or "composition" in the name marks them."""
     t = task_name.lower()
     return not ("edit" in t or "composition" in t)
 
@@ -511,105 +754,57 @@ def _ib_record(item, folder):
     task = item.get("task_name")
     if not isinstance(task, str) or not task.strip():
         _bad(f'missing task_name: a non-empty string is needed, got {task!r:.40}')
-    images = item.get("image", [])  # context-free records may have no images
-    images = [] if images is None else images
+    images = [] if item.get("image") is None else item["image"]  # context-free records may have no images
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         _bad(f'"image" must be a list of relative paths, got {images!r:.80}')
-    convs = item.get("conversations")
-    if not isinstance(convs, list):
-        _bad(f'"conversations" must be a list of {{"from", "value"}} turns, got {type(convs).__name__}')
-    human = gpt = None
-    notes = []
-    for j, turn in enumerate(convs):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or "from" not in turn:
-            _bad(f'conversations[{j}] must be an object with "from" and a string "value", got {turn!r:.80}')
-        if turn["from"] == "human" and human is None:
-            human = turn["value"]
-        elif turn["from"] == "gpt" and gpt is None:
-            gpt = turn["value"]
-        else:
-            notes.append(f"conversations[{j}] (from {turn['from']!r}) ignored")
-    if human is None:
-        _bad(f"no human turn (the instruction); the turns are from {[t['from'] for t in convs]}")
-    instruction = human.replace("<BEGIN>", "")
-    n = instruction.count("<image>")
-    if n != len(images):
-        _bad(f"{n} <image> placeholders in the human turn but {len(images)} paths in \"image\"; "
-             "they are paired in order, so the counts must agree")
+    convs, human, gpt, notes = _turns(item, ("human",), ("gpt",), "instruction", gpt_after_human=False)
+    instruction = convs[human]["value"].replace("<BEGIN>", "")
+    _check_pairing(instruction.count("<image>"), images, "the human turn")
     paths = [_find_image(folder, p, ("images", "zipped_images")) for p in images]
     prompt = _split_placeholders(instruction, paths)
     if not prompt:
         _bad("empty instruction")
-    return dict(id=rid, task_name=task, prompt=prompt, reference=gpt, goal=item.get("goal"),
-                category=item.get("category"), dataset_id=item.get("dataset_id")), notes
+    return dict(id=rid, task_name=task, prompt=prompt, reference=None if gpt is None else convs[gpt]["value"],
+                goal=item.get("goal"), category=item.get("category"), dataset_id=item.get("dataset_id")), notes
 
 
 def load_interleavedbench(data_path, strict=True):
-    """InterleavedBench records from DIR/interleaved_bench.json (or the JSON file itself).
-
-    A record: {"id", "image": [relative paths], "task_name", "conversations": [{"from", "value"}],
-    optional "goal", "category", "dataset_id"}. The human turn is the instruction; a "<BEGIN>" marker
-    is removed, and each "<image>" takes the next path of "image", in order, so the prompt is the
-    instruction's text and images interleaved as written (blank text parts dropped). Context-free
-    records have no placeholders and no images. Paths are tried under DIR, DIR/images and
-    DIR/zipped_images. Returns (records, skipped) as load_mmie does; a record is a dict: id,
-    task_name, prompt (segments, images as absolute paths), reference (the gpt turn's text or None;
-    the judge is reference-free), goal, category, dataset_id, index.
-    """
+    """InterleavedBench records from DIR/interleaved_bench.json (or the file itself) as _load_records returns
+    them. In: {"id", "image": [paths], "task_name", "conversations", "goal", "category", "dataset_id"}; the
+    human turn is the instruction, each "<image>" taking the next path. Out: id, task_name, prompt
+    (segments), reference (the gpt turn; the judge is reference-free), goal, category, dataset_id, index."""
     return _load_records(data_path, "interleaved_bench.json", "InterleavedBench", _ib_record, strict)
 
 
 def write_interleavedbench_outputs(records, answers, out_dir):
-    """Write OUT/predictions.json and OUT/images/<id>_<k>.png (k counts an answer's images from 0).
-
-    OUR layout: the official judge script's exact input is not known, so this is a plain, complete
-    record of the outputs to convert from: a JSON list of {"id", "task_name", "output": [{"text": str,
-    "image": null} or {"text": null, "image": "images/<id>_<k>.png"}, ...]}, segments in generated
-    order, paths relative to OUT. answers[i] as for write_mmie_outputs; None images are left out.
-    Returns the path of predictions.json.
-    """
+    """Write OUT/predictions.json, [{"id", "task_name", "output": [{"text", "image"}, ...]}], and
+    OUT/images/<id>_<k>.png; returns its path. OUR layout (the judge's input is not known), to convert from."""
     if len(records) != len(answers):
         raise ValueError(f"{len(records)} records but {len(answers)} answers")
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    rows, stems = [], set()
+    entries, stems = [], set()
     for i, (rec, ans) in enumerate(zip(records, answers)):
-        stem = _safe_name(rec["id"])
+        stem, where = _safe_name(rec["id"]), f"record {i} (id {rec['id']!r})"
         if stem in stems:
-            raise ValueError(f"record {i} (id {rec['id']!r}): its image names collide with another record's")
+            raise ValueError(f"{where}: its image names collide with another record's")
         stems.add(stem)
-        out, k = [], 0
-        for kind, x in _answer_segments(ans):
-            if kind == "text":
-                out.append({"text": x, "image": None})
-            elif kind == "image" and x is not None:
-                out.append({"text": None, "image": _put_image(x, out_dir, f"{stem}_{k}")})
-                k += 1
-            elif kind != "image":
-                raise ValueError(f"record {i} (id {rec['id']!r}): unknown segment kind {kind!r}")
-        rows.append({"id": rec["id"], "task_name": rec["task_name"], "output": out})
-    path = os.path.join(out_dir, "predictions.json")
-    _dump_json(rows, path)
-    return path
+        out = _write_segments(_answer_segments(ans), out_dir, f"{stem}_", where)
+        entries.append({"id": rec["id"], "task_name": rec["task_name"], "output": out})
+    return _dump_json(entries, os.path.join(out_dir, "predictions.json"))
 
 
 def load_interleavedbench_outputs(out_dir):
     """Read back OUT/predictions.json: list of {"id", "task_name", "output": segments with absolute paths}."""
-    file, folder, rows = _read_json_list(out_dir, "predictions.json", "InterleavedBench outputs")
+    _, folder, entries = _read_json_list(out_dir, "predictions.json", "InterleavedBench outputs")
     return [{"id": r["id"], "task_name": r["task_name"],
              "output": [("text", s["text"]) if s.get("image") is None else ("image", os.path.join(folder, s["image"]))
-                        for s in r["output"]]} for r in rows]
+                        for s in r["output"]]} for r in entries]
 
 
 def aggregate_interleavedbench(aspect_scores_by_id, task_by_id, label="proxy"):
-    """InterleavedBench aggregation over per-sample aspect scores on 0..5.
-
-    Per sample, AVG = plain mean of the five aspects, except on editing / composition tasks
-    (ib_text_aspects_scored) where the two text aspects are left out (ignored even if given) and
-    AVG is the mean of the other three. Overall: per aspect, the mean over the samples that score
-    it; AVG = mean of the per-sample AVGs (the published text does not say whether its AVG column
-    averages samples or aspect columns; with the editing exception the two differ). A sample whose
-    scored aspects are missing or None is invalid: excluded, counted. Out of range raises.
-    """
+    """InterleavedBench aggregation of per-sample aspect scores on 0..5: per sample, the mean of its scored
+    aspects (ib_text_aspects_scored); per aspect, the mean over the samples that score it; AVG, the mean of
+    the per-sample means (the paper does not say which). A sample missing a scored aspect is invalid."""
     per_aspect, avgs, invalid = {a: [] for a in IB_ASPECTS}, [], []
     for rid, scores in aspect_scores_by_id.items():
         if rid not in task_by_id:
@@ -625,15 +820,15 @@ def aggregate_interleavedbench(aspect_scores_by_id, task_by_id, label="proxy"):
                 raise ValueError(f"id {rid!r}: {a} = {v} is outside 0..5")
             per_aspect[a].append(float(v))
         avgs.append(sum(vals) / len(vals))
-    mean = lambda v: sum(v) / len(v) if v else None
-    return {"label": label, **{a: mean(v) for a, v in per_aspect.items()}, "AVG": mean(avgs),
+    return {"label": label, **{a: _mean(v) for a, v in per_aspect.items()}, "AVG": _mean(avgs),
             "n_valid": len(avgs), "n_invalid": len(invalid), "invalid_ids": invalid}
+
+# --- proxy scores: our own reward models in place of the judges
 
 
 def _image_coherence(images, scorer):
-    """Mean pairwise similarity of the images on [0, 1]: cosine of CLIP image embeddings (clamped at 0)
-    if the scorer has a CLIP (.model.encode_image, .preprocess); else 1 - mean absolute pixel
-    difference at 32x32 (a crude fallback). One image: 1 (nothing to be incoherent with); none: 0."""
+    """Mean pairwise similarity of the images on [0, 1]: cosine of CLIP image embeddings (clamped at 0) if
+    the scorer has a CLIP, else 1 - mean absolute pixel difference at 32x32. One image: 1; none: 0."""
     if len(images) < 2:
         return float(len(images))
     enc = getattr(getattr(scorer, "model", None), "encode_image", None)
@@ -651,20 +846,13 @@ def _image_coherence(images, scorer):
 
 
 def proxy_aspects(segments, prompt_text, scorer, text_ok=None, image_ok=None):
-    """A PROXY for InterleavedBench's five aspects on 0..5, from our own signals (not the GPT-4o judge;
-    report it only under the label "proxy"). Blank text segments are dropped first.
-      text_quality          5 x the fraction of text segments text_ok accepts (default: has words;
-                            for the toy world pass lambda t: data.parse(t) is not None). No text: 0.
-      perceptual_quality    5 x the fraction of image segments that are complete (not None) and pass
-                            image_ok if given. We have no aesthetics model: this only sees failures.
-      image_coherence       5 x mean pairwise image similarity (_image_coherence). Uncalibrated.
-      text_image_coherence  5 x mean over image segments of scorer.score(image, the text right before
-                            it, or prompt_text when there is none); a None image, or no text at all, counts 0.
-      helpfulness           5 x structure only: the fraction of neighbouring segments that switch
-                            modality, 0 unless there is both text and an image. Says nothing about
-                            whether the content answers the prompt.
-    scorer: a visual scorer with .score(images, texts) -> [B] in [0, 1] (rewards.ClipScorer, ...).
-    """
+    """A PROXY for InterleavedBench's five aspects on 0..5 from our own signals, blank texts dropped:
+      text_quality          the share of texts text_ok accepts (default: has words)
+      perceptual_quality    the share of images complete and passing image_ok (no aesthetics model)
+      image_coherence       mean pairwise image similarity (uncalibrated)
+      text_image_coherence  scorer.score(image, the text before it, else prompt_text); None images count 0
+      helpfulness           the share of neighbouring segments that switch modality (structure only)
+    scorer: a visual scorer with .score(images, texts) -> [B] in [0, 1] (rewards.ClipScorer, ...)."""
     text_ok = text_ok or rewards.has_words
     content = [(k, x) for k, x in segments if not (k == "text" and not rewards.has_words(x))]
     texts = [x for k, x in content if k == "text"]
@@ -693,45 +881,18 @@ def proxy_mmie_score(aspects):
     return 6 * sum(aspects[a] for a in IB_ASPECTS) / (5 * len(IB_ASPECTS))
 
 
-# --- the benchmark command: generate, write the official scorer's input, proxy score
-
-BENCHMARKS = {"mmie": (load_mmie, "data.json"), "interleavedbench": (load_interleavedbench, "interleaved_bench.json")}
-OFFICIAL = {
-    "mmie": "To score officially with the MMIE-Eval judge (MMIE-Score, a fine-tuned InternVL2-4B; one GPU), from a clone\n"
-            "of github.com/Lillianwei-h/MMIE (judge weights: see its README):\n"
-            "    python main.py --model_path PATH_TO_MMIE-Eval --input_dir {folder} --input_name data.json\n"
-            "It prints SA / PBL / MSR / AVG on 0..6 (percent = x / 6 * 100) and writes eval_outputs/eval_result.json.",
-    "interleavedbench": "To score officially: InterleavedBench's judge is GPT-4o (an API key), run by the script released with the\n"
-            "benchmark (mqliu/InterleavedBench). Its exact input layout is not published in a form we could read, so\n"
-            "{folder}/predictions.json is a complete record to convert from: per id, the task_name and the output\n"
-            "segments in generated order ({{\"text\": ...}} or {{\"image\": \"images/<id>_<k>.png\"}}). Report the five\n"
-            "aspects on 0..5 and their mean, without the two text aspects on editing / composition tasks.",
-}
-
-
-def latest_checkpoint(out_dir):
-    for name in ("grpo", "warmup"):
-        path = os.path.join(out_dir, name)
-        if unigrpo.is_checkpoint(path):  # full weights or LoRA adapters
-            return path
-    raise SystemExit(f"error: no checkpoint in {out_dir} (looked for grpo/ and warmup/); train one with "
-                     f"python unigrpo.py --stage grpo --out_dir {out_dir}, or pass --checkpoint PATH")
-
-
 def proxy_mmie(folder, scorer):
     """PROXY scores of a written MMIE scorer-input folder, on exactly what the official judge reads
     (answer cut off after 3 images, >4-image samples dropped), aggregated by the official rules."""
-    with open(os.path.join(folder, "data.json"), encoding="utf-8") as f:
-        rows = json.load(f)
     scores, cats, dropped = {}, {}, []
-    for row in rows:
-        _, _, images, answer = _mmie_read(row, folder)
+    for entry in _read_json(os.path.join(folder, "data.json")):
+        _, _, images, answer = _mmie_read(entry, folder)
         if len(images) > MMIE_MAX_IMAGES:
-            dropped.append(row["id"])
+            dropped.append(entry["id"])
             continue
-        question = " ".join(t for t, _ in _scorer_pairs(row["question"]) if t)
-        scores[row["id"]] = proxy_mmie_score(proxy_aspects(load_segment_images(answer), question, scorer))
-        cats[row["id"]] = mmie_category(row["id"])
+        question = " ".join(t for t, _ in _scorer_pairs(entry["question"]) if t)
+        scores[entry["id"]] = proxy_mmie_score(proxy_aspects(load_segment_images(answer), question, scorer))
+        cats[entry["id"]] = mmie_category(entry["id"])
     agg = aggregate_mmie(scores, cats, label="proxy")
     agg.update(n_dropped=len(dropped), dropped_ids=dropped)
     return agg, scores
@@ -741,9 +902,9 @@ def proxy_interleavedbench(folder, records, scorer):
     """PROXY aspects of a written InterleavedBench predictions folder, aggregated by the official rules."""
     prompt = {r["id"]: " ".join(x for k, x in r["prompt"] if k == "text") for r in records}
     aspects, tasks = {}, {}
-    for row in load_interleavedbench_outputs(folder):
-        aspects[row["id"]] = proxy_aspects(load_segment_images(row["output"]), prompt[row["id"]], scorer)
-        tasks[row["id"]] = row["task_name"]
+    for entry in load_interleavedbench_outputs(folder):
+        aspects[entry["id"]] = proxy_aspects(load_segment_images(entry["output"]), prompt[entry["id"]], scorer)
+        tasks[entry["id"]] = entry["task_name"]
     return aggregate_interleavedbench(aspects, tasks, label="proxy"), aspects
 
 
@@ -759,12 +920,38 @@ def format_proxy(name, agg):
             "numbers), 0..5: " + " | ".join(f"{a} {cell(agg[a])}" for a in IB_ASPECTS + ("AVG",))
             + f" (n {agg['n_valid']}; text aspects left out on editing / composition)")
 
+# --- the benchmark command: generate, write the official scorer's input, proxy score
+
+# name -> (its loader, the file the loader reads in --data_path DIR)
+BENCHMARKS = {"mmie": (load_mmie, "data.json"), "interleavedbench": (load_interleavedbench, "interleaved_bench.json")}
+OFFICIAL = {
+    "mmie": "To score officially with the MMIE-Eval judge (MMIE-Score, a fine-tuned InternVL2-4B; one GPU), from a "
+            "clone\nof github.com/Lillianwei-h/MMIE (judge weights: see its README):\n"
+            "    python main.py --model_path PATH_TO_MMIE-Eval --input_dir {folder} --input_name data.json\n"
+            "It prints SA / PBL / MSR / AVG on 0..6 (percent = x / 6 * 100) and writes eval_outputs/eval_result.json.",
+    "interleavedbench": "To score officially: InterleavedBench's judge is GPT-4o (an API key), run by the script "
+            "released with the\nbenchmark (mqliu/InterleavedBench). Its exact input layout is not published in a "
+            "form we could read, so\n{folder}/predictions.json is a complete record to convert from: per id, the "
+            "task_name and the output\nsegments in generated order ({{\"text\": ...}} or {{\"image\": "
+            "\"images/<id>_<k>.png\"}}). Report the five\naspects on 0..5 and their mean, without the two text "
+            "aspects on editing / composition tasks.",
+}
+
+
+def latest_checkpoint(out_dir):
+    """out_dir/grpo, else out_dir/warmup."""
+    stages = stage_checkpoints(out_dir)
+    if not stages:
+        raise SystemExit(f"error: no checkpoint in {out_dir} (looked for grpo/ and warmup/); train one with "
+                         f"python unigrpo.py --stage grpo --out_dir {out_dir}, or pass --checkpoint PATH")
+    return stages.get("grpo", stages.get("warmup"))
+
 
 def run_benchmark(cfg, name, data_path, checkpoint="", limit=0, skip_bad=False):
     """Read a benchmark's local copy, answer every record with one checkpoint (context images through
     the understanding path), write OUT_DIR/bench/NAME in the official scorer's input layout, and
     print and save (OUT_DIR/bench/NAME_proxy.json) a PROXY score computed from what was written."""
-    loader, file = BENCHMARKS[name]
+    loader, _ = BENCHMARKS[name]
     try:
         records, skipped = loader(data_path, strict=not skip_bad)
     except BenchmarkFormatError as err:
@@ -780,280 +967,40 @@ def run_benchmark(cfg, name, data_path, checkpoint="", limit=0, skip_bad=False):
     ckpt = checkpoint or latest_checkpoint(cfg.out_dir)
     dev = unigrpo.resolve_device(cfg)
     model = unigrpo.load_model(ckpt, dev, getattr(torch, cfg.dtype)).eval()
-    if cfg.visual_scorer in ("clip", "clip_weak") and not os.path.isdir(os.path.join(cfg.out_dir, "prepare", cfg.visual_scorer)):
-        raise SystemExit(f"error: the proxy needs the visual scorer {cfg.out_dir}/prepare/{cfg.visual_scorer}; pass the "
-                         "--out_dir of the run that trained the checkpoint, or --visual_scorer openclip:ARCH/PRETRAINED")
+    clip_dir = os.path.join(cfg.out_dir, "prepare", cfg.visual_scorer)
+    if cfg.visual_scorer in ("clip", "clip_weak") and not os.path.isdir(clip_dir):
+        raise SystemExit(f"error: the proxy needs the visual scorer {cfg.out_dir}/prepare/{cfg.visual_scorer}; pass "
+                         "the --out_dir of the run that trained the checkpoint, "
+                         "or --visual_scorer openclip:ARCH/PRETRAINED")
     # only the visual scorer is used: the toy critic stands in so that a VLM critic is never loaded for nothing
     _, scorer = unigrpo.build_scorers(SimpleNamespace(**{**vars(cfg), "text_critic": "toy"}), model.tokenizer, dev)
     prompts = [r["question"] if name == "mmie" else r["prompt"] for r in records]
-    unk = model.tokenizer.unk_token_id
-    ids = [i for p in prompts for k, x in p if k == "text" for i in model.tokenizer(x, add_special_tokens=False).input_ids]
-    unk_frac = sum(i == unk for i in ids) / max(1, len(ids)) if unk is not None else 0.0
+    tok = model.tokenizer
+    ids = [i for p in prompts for k, x in p if k == "text" for i in tok(x, add_special_tokens=False).input_ids]
+    unk_frac = sum(i == tok.unk_token_id for i in ids) / max(1, len(ids)) if tok.unk_token_id is not None else 0.0
     if unk_frac > 0:
-        print(f"{name}: {unk_frac:.0%} of the {len(ids)} prompt text tokens are {model.tokenizer.unk_token} for this "
+        print(f"{name}: {unk_frac:.0%} of the {len(ids)} prompt text tokens are {tok.unk_token} for this "
               "checkpoint's tokenizer: the model cannot read that text (the toy world knows its own words only), so "
               "the outputs check the pipeline and the layout, not the method")
     g = torch.Generator(device=model.device).manual_seed(cfg.seed)
     # the GRPO sampling batch: a batch size known to fit this model's memory
-    answers = sample_answers(model, prompts, cfg, g, batch=cfg.prompts_per_step * cfg.group_size, desc=f"{name}: generate")
+    answers = sample_answers(model, prompts, cfg, g, batch=cfg.prompts_per_step * cfg.group_size,
+                             desc=f"{name}: generate")
     folder = os.path.join(cfg.out_dir, "bench", name)
     model_name = "unigrpo-" + os.path.basename(os.path.normpath(ckpt))
-    unigrpo.atomic_dir(folder, (lambda d: write_mmie_outputs(records, answers, model_name, d)) if name == "mmie" else
-                       (lambda d: write_interleavedbench_outputs(records, answers, d)))
-    agg, per_sample = proxy_mmie(folder, scorer) if name == "mmie" else proxy_interleavedbench(folder, records, scorer)
-    print(f"{name}: {len(records)} answers by {ckpt} written to {folder} ({file if name == 'mmie' else 'predictions.json'} + images/)")
+    if name == "mmie":
+        unigrpo.atomic_dir(folder, lambda d: write_mmie_outputs(records, answers, model_name, d))
+        written, (agg, per_sample) = "data.json", proxy_mmie(folder, scorer)
+    else:
+        unigrpo.atomic_dir(folder, lambda d: write_interleavedbench_outputs(records, answers, d))
+        written, (agg, per_sample) = "predictions.json", proxy_interleavedbench(folder, records, scorer)
+    print(f"{name}: {len(records)} answers by {ckpt} written to {folder} ({written} + images/)")
     print(format_proxy(name, agg))
     print(OFFICIAL[name].format(folder=folder))
     result = dict(benchmark=name, label="proxy", checkpoint=ckpt, data_path=data_path, n_records=len(records),
                   unk_fraction=unk_frac, skipped=skipped, aggregate=agg, per_sample=per_sample)
     _dump_json(result, os.path.join(cfg.out_dir, "bench", f"{name}_proxy.json"))
     return result
-
-# -----------------------------------------------------------------------------
-# The paper's ablation table, reproduced in the toy world
-
-# (key, the paper's setting, unigrpo flags on top of FULL_METHOD, the row it is compared with,
-#  the paper's MMIE AVG (%), InterleavedBench AVG (0..5)). Each GRPO row is the full method with the
-# paper's changes for that row; the paper's CLIP-instead-of-ImageReward row becomes the tiny CLIP
-# trained 1/10 as long (clip_weak) instead of the default one.
-ABLATIONS = (
-    ("base", "base model, no warm-up, no GRPO", None, None, None, 0.51),
-    ("warmup", "warm-up only", None, "base", 53.31, 1.97),
-    ("rf", "warm-up + GRPO, r_f only", dict(use_text_reward=False, use_visual_reward=False, process_reward=False),
-     "warmup", 53.56, 2.05),
-    ("rt", "+ r_t", dict(use_visual_reward=False, process_reward=False), "rf", 54.62, 2.30),
-    ("rv", "+ r_v", dict(process_reward=False), "rt", 57.83, 2.79),
-    ("full", "+ process reward (full method)", {}, "rv", 59.50, 3.13),
-    ("nokl_g2", "no KL, G = 2", dict(kl_beta=0.0, group_size=2), "kl_g2", 53.04, 1.72),
-    ("kl_g2", "KL, G = 2", dict(group_size=2), "full", 55.14, 2.27),
-    ("weak_rv", "KL, G = 4, weaker r_v scorer (paper: CLIP score)", dict(visual_scorer="clip_weak"), "full", 56.94, 2.58),
-)
-FULL_METHOD = dict(use_format_reward=True, use_text_reward=True, use_visual_reward=True, process_reward=True, group_size=4)
-ABLATION_COLUMNS = ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "understanding_acc", "t2i_acc")
-NOT_SETTINGS = ("out_dir", "stage", "dry_run", "log_interval", "ckpt_interval", "storyboard_interval")  # no effect on results
-
-
-def _mean_sd(v):
-    m = sum(v) / len(v)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else None)
-
-
-def t_cdf(t, df):
-    """Student's t distribution function, by Simpson's rule over the density (exact to ~1e-9 here)."""
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-    pdf = lambda x: c * (1 + x * x / df) ** (-(df + 1) / 2)
-    n, a = 2000, abs(t)
-    h = a / n
-    area = h / 3 * sum(pdf(i * h) * (1 if i in (0, n) else 4 if i % 2 else 2) for i in range(n + 1))
-    return 0.5 + math.copysign(area, t)
-
-
-def t_quantile(p, df):
-    """The p quantile of Student's t, by bisection on t_cdf."""
-    lo, hi = -1e3, 1e3
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-    return (lo + hi) / 2
-
-
-def paired_interval(diffs, level=0.95):
-    """Mean of paired (same seed) differences, the half-width of its t interval at n - 1 degrees of
-    freedom, and the two-sided p-value of 'no difference'. Half-width and p are None for one pair."""
-    n = len(diffs)
-    m, sd = _mean_sd(diffs)
-    if n < 2:
-        return m, None, None
-    if sd == 0:
-        return m, 0.0, 0.0 if m != 0 else 1.0
-    se = sd / math.sqrt(n)
-    return m, t_quantile(0.5 + level / 2, n - 1) * se, 2 * (1 - t_cdf(abs(m) / se, n - 1))
-
-
-def ablation_trend(results, key, seeds, metric="oracle_step"):
-    """One line: does this row move the headline metric against its comparison row as in the paper?
-    Ours is the mean paired (same seed) difference with its 95% t interval and p-value; "within noise"
-    when the interval holds 0; with one seed only the sign can be compared."""
-    row = {a[0]: a for a in ABLATIONS}
-    _, _, _, vs, mmie, ib = row[key]
-    if vs is None:
-        return "reference row"
-    _, vs_label, _, _, vs_mmie, vs_ib = row[vs]
-    d = [results[f"{key}/seed{k}"][metric] - results[f"{vs}/seed{k}"][metric] for k in seeds
-         if f"{key}/seed{k}" in results and f"{vs}/seed{k}" in results]
-    if not d:
-        return f"vs {vs_label}: not run"
-    arrow = lambda x: "↑" if x > 0 else "↓" if x < 0 else "="
-    paper = ", ".join(f"{n} {b - a:+.2f}" for n, a, b in (("MMIE", vs_mmie, mmie), ("IB", vs_ib, ib)) if a is not None and b is not None)
-    m, half, p = paired_interval(d)
-    ours = f"{m:+.3f}" + (f", 95% CI [{m - half:+.3f}, {m + half:+.3f}], p = {p:.2g} ({len(d)} seeds)" if half is not None else " (1 seed)")
-    if all(x == 0 for x in d):
-        verdict = "flat: not reproduced"
-    elif half is not None and abs(m) <= half:
-        verdict = "within noise"
-    elif (m > 0) == (ib > vs_ib):
-        verdict = "agrees" if half is not None else "agrees in sign (1 seed, no spread)"
-    else:
-        verdict = "disagrees"
-    return f"vs {vs_label}: paper {arrow(ib - vs_ib)} ({paper}); ours {arrow(m)} {ours}: {verdict}"
-
-
-def ablation_table(results, keys, seeds):
-    """ONE markdown table: per row the paper's numbers, our metrics (mean ± sample std over seeds) and the trend."""
-    cols = ["setting", "paper MMIE", "paper IB"] + list(ABLATION_COLUMNS) + ["trend of oracle_step vs the paper"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for key, label, _, _, mmie, ib in ABLATIONS:
-        if key not in keys:
-            continue
-        runs = [results[f"{key}/seed{k}"] for k in seeds if f"{key}/seed{k}" in results]
-        cells = []
-        for c in ABLATION_COLUMNS:
-            m, sd = _mean_sd([r[c] for r in runs]) if runs else (None, None)
-            cells.append("–" if m is None else f"{m:.3f}" + (f" ± {sd:.3f}" if sd is not None else ""))
-        paper_mmie = "no valid interleaved output" if mmie is None else f"{mmie:.2f}"
-        lines.append(f"| {label} | {paper_mmie} | {ib:.2f} | " + " | ".join(cells) + f" | {ablation_trend(results, key, seeds)} |")
-    return "\n".join(lines)
-
-
-def _share(run, **targets):
-    """A run's out_dir sees stages made elsewhere through links (name -> folder): nothing is copied or retrained."""
-    os.makedirs(run, exist_ok=True)
-    for name, target in targets.items():
-        link = os.path.join(run, name)
-        if not os.path.lexists(link):
-            os.symlink(os.path.relpath(target, run), link, target_is_directory=True)
-
-
-def run_ablations(cfg, argv, n_seeds=3, only=""):
-    """Every ablation row x seed, resumable: one prepared world and one warm-up shared by all rows
-    (through unigrpo.main --stage warmup), each GRPO row through unigrpo.main --stage grpo in its own
-    OUT_DIR/ablations/ROW/seedK, every checkpoint evaluated with the same default scorers on the same
-    held-out prompts per seed. Finished (row, seed) results are kept in ablations.json and skipped on
-    a rerun; a killed GRPO run resumes from its checkpoint. Runners with disjoint --rows may share an
-    out_dir (start them after the warm-up exists): each merges its rows into ablations.json.
-    Writes ablations.json and ablations.md."""
-    keys = [a[0] for a in ABLATIONS]
-    rows = [k.strip() for k in only.split(",") if k.strip()] or keys
-    if [k for k in rows if k not in keys] or n_seeds < 1:
-        unigrpo.fail(f"--rows takes a comma-separated subset of {', '.join(keys)} (got {only!r}) and "
-                     f"--seeds a positive number (got {n_seeds})")
-    if cfg.kl_beta <= 0:
-        raise SystemExit("error: the ablations need --kl_beta > 0 (the KL rows use it; the no-KL row sets 0 itself)")
-    root = os.path.join(cfg.out_dir, "ablations")
-    path = os.path.join(root, "ablations.json")
-    settings = {k: v for k, v in vars(cfg).items() if k not in NOT_SETTINGS}
-    saved = {"settings": settings, "results": {}}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-        diff = sorted(k for k in settings.keys() | saved["settings"].keys() if settings.get(k) != saved["settings"].get(k))
-        if diff:
-            raise SystemExit(f"error: {path} holds results made with other settings ("
-                             + ", ".join(f"--{k}={saved['settings'].get(k)!r}" for k in diff)
-                             + "); pass the same settings to continue it, or use another --out_dir")
-    print(f"[ablations] common start: the prepared world in {cfg.out_dir}; one warm-up per seed in {root}/warmup")
-    unigrpo.main([*argv, f"--out_dir={cfg.out_dir}", "--stage=prepare"])
-    base = cfg.model or os.path.join(root, "base_model")  # an untrained start: the paper's "base model" row
-    if not cfg.model and not unigrpo.is_checkpoint(base):
-        tok, vq, _ = unigrpo.load_prepared(cfg)
-        torch.manual_seed(cfg.seed)
-        unigrpo.save_checkpoint(unigrpo.UnifiedModel(unigrpo.tiny_janus(tok, vq, cfg), tok), base, {"iter": 0})
-    seeds = range(n_seeds)
-    todo = [(key, k) for key in rows for k in seeds]
-    for i, (key, k) in enumerate(todo, 1):
-        name, tag = f"{key}/seed{k}", f"[ablations {i}/{len(todo)}] {key} seed {k}"
-        if name in saved["results"]:
-            print(f"{tag}: finished earlier, skipped")
-            continue
-        flags = next(a[2] for a in ABLATIONS if a[0] == key)
-        t0 = time.time()
-        # this seed's warm-up (every row's spread then holds training noise, the warm-up row's too)
-        warm = os.path.join(root, "warmup", f"seed{k}")
-        _share(warm, prepare=os.path.join(cfg.out_dir, "prepare"))
-        unigrpo.main([*argv, f"--out_dir={warm}", "--stage=warmup", f"--seed={cfg.seed + k}"])
-        if flags is None:  # no GRPO: evaluate the untrained model or this seed's warm-up
-            ckpt = base if key == "base" else os.path.join(warm, "warmup")
-        else:
-            run = os.path.join(root, key, f"seed{k}")
-            _share(run, prepare=os.path.join(cfg.out_dir, "prepare"), warmup=os.path.join(warm, "warmup"))
-            row = [*argv, f"--out_dir={run}", "--stage=grpo"] + [f"--{a}={v}" for a, v in {**FULL_METHOD, **flags, "seed": cfg.seed + k}.items()]
-            print(f"{tag}: GRPO, {cfg.grpo_iters} iters, as python unigrpo.py {' '.join(row)}")
-            unigrpo.main(row)
-            ckpt = os.path.join(run, "grpo")
-        print(f"{tag}: evaluating {ckpt} on {cfg.eval_prompts} held-out prompts")
-        res = evaluate_checkpoint(ckpt, SimpleNamespace(**{**vars(cfg), "seed": cfg.seed + k}), seed=cfg.seed + k)
-        if os.path.exists(path):  # re-read: another runner with other --rows may share this out_dir
-            with open(path, encoding="utf-8") as f:
-                saved["results"] = {**json.load(f)["results"], **saved["results"]}
-        saved["results"][name] = res
-        os.makedirs(root, exist_ok=True)
-        _dump_json(saved, path)  # after every row: a killed run loses at most the row in progress
-        print(f"{tag}: oracle_step {res['oracle_step']:.3f}, reward {res['reward']:.3f} ({time.time() - t0:.0f} s)")
-    table = ablation_table(saved["results"], rows, seeds)
-    cmd = " ".join(["python eval.py --ablations", f"--seeds={n_seeds}"] + ([f"--rows={only}"] if only else []) + argv)
-    md = (f"# Ablations in the toy world\n\n`{cmd}`\n\n"
-          f"GRPO iterations per row: {cfg.grpo_iters}; warm-up: {cfg.warmup_iters} iterations, one per seed, shared by the rows; "
-          f"{cfg.eval_prompts} held-out prompts per evaluation; seeds {cfg.seed}..{cfg.seed + n_seeds - 1}.\n"
-          "Our cells: mean ± sample std over seeds (the seed changes the warm-up, GRPO's prompts and sampling, and the "
-          "evaluation's prompts and sampling). The headline is oracle_step (no reward model involved). "
-          "Every checkpoint is scored with the default r_t / r_v models, so the reward column is comparable across "
-          "rows. The paper's columns are MMIE AVG (%) and InterleavedBench AVG (0..5), a different metric on "
-          "different data: compare trends, not values.\n\n" + table + "\n")
-    with open(os.path.join(root, "ablations.md"), "w", encoding="utf-8") as f:
-        f.write(md)
-    print(table)
-    print(f"[ablations] wrote {path} and {os.path.join(root, 'ablations.md')}")
-    return saved
-
-# -----------------------------------------------------------------------------
-
-
-def parse_args(argv):
-    """eval.py's own flags; everything else goes to unigrpo.get_config (type-checked there)."""
-    p = argparse.ArgumentParser(prog="eval.py", add_help=False, allow_abbrev=False)  # no abbreviations: --seed is unigrpo's
-    p.add_argument("--benchmark", default="")
-    p.add_argument("--data_path", default="")
-    p.add_argument("--checkpoint", default="")
-    p.add_argument("--limit", type=int, default=0)
-    p.add_argument("--skip_bad", action="store_true")
-    p.add_argument("--ablations", action="store_true")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--rows", default="")
-    return p.parse_known_args(argv)
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if "--help" in argv or "-h" in argv:
-        print(__doc__)
-        raise SystemExit(0)
-    args, rest = parse_args(argv)
-    cfg = unigrpo.get_config(rest)
-    if args.benchmark or args.data_path:
-        if args.benchmark not in BENCHMARKS:
-            unigrpo.fail(f"{'unknown --benchmark ' + repr(args.benchmark) if args.benchmark else '--data_path needs --benchmark'}"
-                         f"; choose one of {', '.join(BENCHMARKS)}")
-        if not args.data_path:
-            unigrpo.fail(f"--benchmark {args.benchmark} needs --data_path DIR, the folder holding "
-                         f"{BENCHMARKS[args.benchmark][1]} and its images (or the JSON file itself)")
-        if args.ablations:
-            unigrpo.fail("--ablations and --benchmark are separate runs; pass one of them")
-        return run_benchmark(cfg, args.benchmark, args.data_path, args.checkpoint, args.limit, args.skip_bad)
-    if args.ablations:
-        return run_ablations(cfg, rest, args.seeds, args.rows)
-    results = {}
-    for name in ("warmup", "grpo"):
-        path = os.path.join(cfg.out_dir, name)
-        if unigrpo.is_checkpoint(path):  # a LoRA GRPO run holds adapters, no config.json
-            results[name] = evaluate_checkpoint(path, cfg)
-            print(f"{name}: {json.dumps(results[name])}")
-    if not results:
-        raise SystemExit(f"error: no checkpoints in {cfg.out_dir}; run python unigrpo.py --stage grpo --out_dir {cfg.out_dir} first")
-    table = markdown_table(results)
-    print(table)
-    with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    return results
 
 
 if __name__ == "__main__":
