@@ -83,7 +83,7 @@ def test_rows_switch_modality_independently_and_images_are_whole(boi_biased):
                 assert all(run) or t + 1 + len(run) >= len(ids)
                 if t + 1 + N < len(ids):  # <end_of_image> is forced, not sampled, right after a full grid
                     assert ids[t + 1 + N] == m.eoi_id and ro.mask[b, t + 1 + N] == 0 and not img[t + 1 + N]
-                    assert ro.step[b, t + 1] == ro.step[b, t] + 1 == ro.step[b, t + 1 + N]
+                    assert ro.segment[b, t + 1] == ro.segment[b, t] + 1 == ro.segment[b, t + 1 + N]
                 t += N + 1
             t += 1
 
@@ -108,18 +108,18 @@ def test_decode_rollout_segments(tiny):
     ex = data.make_examples("story", 2, "rl", seed=0)
     b = make_batch(tiny, ex)
     b.mask = torch.where(b.ids == tiny.eoi_id, 0.0, b.mask)
-    b.step = torch.cumsum(torch.cat([torch.zeros(2, 1, dtype=torch.long),
-                                     (b.is_image[:, 1:] != b.is_image[:, :-1]).long()], 1), 1)
-    # the forced <eoi> belongs to the image step: shift steps after each image back by one token
+    b.segment = torch.cumsum(torch.cat([torch.zeros(2, 1, dtype=torch.long),
+                                        (b.is_image[:, 1:] != b.is_image[:, :-1]).long()], 1), 1)
+    # the forced <eoi> belongs to the image segment: shift segments after each image back by one token
     for r in range(2):
         for t in range(1, b.ids.shape[1]):
             if b.ids[r, t] == tiny.eoi_id and b.is_image[r, t - 1]:
-                b.step[r, t] = b.step[r, t - 1]
-    segs, steps = decode_rollout(tiny, b)[0]
+                b.segment[r, t] = b.segment[r, t - 1]
+    segs, index = decode_rollout(tiny, b)[0]
     kinds = [k for k, _ in segs]
     assert kinds == ["text", "image"] * ex[0].n_steps
     assert [x for k, x in segs if k == "text"] == ex[0].ref_texts
-    assert steps == list(range(2 * ex[0].n_steps))
+    assert index == list(range(2 * ex[0].n_steps))
 
 
 def test_generated_grid_is_the_vq_grid(tiny, tmp_path):
