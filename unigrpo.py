@@ -15,7 +15,8 @@ What this simplifies:
 3) An image is one fixed grid of VQ codes: the model opens it with <begin_of_image>, <end_of_image> is forced.
 4) pi_old is the sampling policy's own teacher-forced forward, so the first ratio is exactly 1.
 5) The process advantage is added to the outcome advantage (the paper leaves how they combine open).
-6) No trainer framework: DDP by hand (as nanoGPT), FSDP2 by fully_shard, one process per GPU.
+6) r_v is a CLIP score by default (the paper's is ImageReward: --visual_scorer imagereward); the toy r_t is a parser.
+7) No trainer framework: DDP by hand (as nanoGPT), FSDP2 by fully_shard, one process per GPU.
 
     python unigrpo.py --stage grpo                              # toy world on a laptop CPU, minutes
     python unigrpo.py --stage grpo --group_size=2 --kl_beta=0   # an ablation
@@ -127,7 +128,6 @@ _FULL = dict(image_size=384, patch_size=16, group_size=4, lr=1e-6, kl_beta=0.04,
 PRESETS = {"janus-pro-1b": dict(_FULL, model="deepseek-community/Janus-Pro-1B", prompts_per_step=8),
            "janus-pro-7b": dict(_FULL, model="deepseek-community/Janus-Pro-7B", prompts_per_step=4)}
 PRESET_DATA = {"warmup": "warmup_data", "grpo": "rl_data", "eval": "eval_data"}  # what a preset run needs per stage
-# -----------------------------------------------------------------------------
 
 
 # -----------------------------------------------------------------------------
@@ -373,7 +373,7 @@ def load_prepared(cfg):
 
 # =============================================================================
 # PLUMBING: devices, DDP and FSDP2, checkpoints and resume, logging, the --dry_run memory estimate.
-# None of it is the method: a first reading may skip to "The interleaved sampler".
+# None of it is the method: a first reading may skip to "END OF PLUMBING".
 # =============================================================================
 
 
@@ -473,8 +473,8 @@ def average_gradients(params):
 
 
 def apply_gradients(opt, grad_clip, model=None):
-    """The step after backward (one or several, accumulated): gradients averaged over ranks, clipped, one AdamW
-    step; returns the norm before clipping."""
+    """After backward (one or several, accumulated): gradients averaged over ranks, clipped, one AdamW step;
+    returns the norm before clipping."""
     params = [p for g in opt.param_groups for p in g["params"]]
     if is_sharded(params):  # FSDP has reduce-scattered the mean gradient; only None must be restored
         drop_unused_grads(model)
@@ -524,8 +524,8 @@ def drop_unused_grads(model):
 
 @contextlib.contextmanager
 def gathered(model):
-    """Sampling under FSDP: each unit's weights are gathered at the first decode step and kept until the end, so
-    ranks whose rollouts end at different steps run no collective in the loop. Plain models: nothing."""
+    """Sampling under FSDP: each unit's weights are gathered for the first decoded token and kept until the end,
+    so ranks whose rollouts end at different lengths run no collective in the loop. Plain models: nothing."""
     from torch.distributed.fsdp import FSDPModule
     if not isinstance(model, FSDPModule):
         yield
@@ -860,8 +860,8 @@ def format_memory(est):
         "context, fragmentation."])
 
 
-# -----------------------------------------------------------------------------
-# The interleaved sampler
+# =============================================================================
+# END OF PLUMBING. The interleaved sampler
 
 
 @dataclass
@@ -929,7 +929,7 @@ def head_logprobs(model, h, image, temperature, h_uncond=None, cfg_scale=1.0):
 
 def kv_cache(n_layers, capacity):
     """A transformers Cache whose layers write into preallocated buffers, doubled when full (the default
-    DynamicCache concatenates: it copies every layer's keys and values at each decode step)."""
+    DynamicCache concatenates: it copies every layer's keys and values at each decoded token)."""
     from transformers.cache_utils import Cache, DynamicLayer
 
     class BufferLayer(DynamicLayer):
@@ -950,7 +950,7 @@ def kv_cache(n_layers, capacity):
 
 
 def sample_interleaved(model, *args, **kwargs):
-    """_sample_interleaved through model.forward, with FSDP's weights gathered once for all decode steps."""
+    """_sample_interleaved through model.forward, with FSDP's weights gathered once for all decoded tokens."""
     with gathered(model):
         return model(_sample_interleaved, *args, **kwargs)
 
@@ -1211,8 +1211,8 @@ def make_batch(model, examples, answers=None):
     for i, (a, b, c) in enumerate(enc):
         ids[i, :len(a)], is_image[i, :len(a)] = torch.tensor(a), torch.tensor(b)
         mask[i, :len(a)] = torch.tensor(c, dtype=torch.float)
-    z, finished = torch.zeros_like(ids), torch.ones(len(enc), dtype=torch.bool)
-    return Rollout(prompt_ids, prompt_mask, context, ids, is_image, z, z.float(), mask, finished)
+    z, ones = torch.zeros_like(ids), torch.ones(len(enc), dtype=torch.bool)
+    return Rollout(prompt_ids, prompt_mask, context, ids, is_image, z, z.float(), mask, ones)
 
 
 def drop_prompts(model, batch, rows):
@@ -1352,13 +1352,13 @@ def score_rollout(model, ro, examples, critic, scorer, cfg):
                                 [e.n_steps for e in examples], critic, scorer, use_format=cfg.use_format_reward,
                                 use_text=cfg.use_text_reward, use_visual=cfg.use_visual_reward,
                                 batch_tasks=[e.task for e in examples])
-    steps = torch.full((len(decoded), int(ro.segment.max()) + 1), float("nan"))
-    for b, ((segs, index), step_r) in enumerate(zip(decoded, out["steps"])):
-        for (kind, _), s, r in zip(segs, index, step_r):
+    step_r = torch.full((len(decoded), int(ro.segment.max()) + 1), float("nan"))
+    for b, ((segs, index), row) in enumerate(zip(decoded, out["steps"])):
+        for (kind, _), s, r in zip(segs, index, row):
             # a segment's reward counts only if its term is on (the process reward follows the ablation)
             if r is not None and (cfg.use_text_reward if kind == "text" else cfg.use_visual_reward):
-                steps[b, s] = r
-    out["step_tensor"], out["decoded"] = steps, decoded
+                step_r[b, s] = r
+    out["step_tensor"], out["decoded"] = step_r, decoded
     return out
 
 

@@ -237,6 +237,7 @@ BAD_VALUES = [  # one per config key, and per kind of check: the flag, and a wor
     (["--group_size=1"], "at least 2"), (["--temperature=0"], "--temperature=0.0"), (["--inner_epochs=0"], "--inner_epochs=0"),
     (["--prompts_per_step=0"], "--prompts_per_step=0"), (["--max_new_tokens=0"], "--max_new_tokens=0"), (["--lr=-1"], "--lr=-1.0"),
     (["--rl_tasks=story,poem"], "--rl_tasks='story,poem'"), (["--fsdp"], "launch with torchrun"),
+    (["--qlora"], "pass --lora_rank too"), (["--qlora", "--lora_rank=4", "--device=cpu"], "needs a CUDA GPU"),
 ] + [([f"--{k}={v}"], f"--{k}={v}") for k, v in [
     ("seed", -1), ("log_interval", 0), ("ckpt_interval", 0), ("storyboard_interval", 0), ("n_layer", 0), ("n_head", 0),
     ("image_size", 0), ("codebook_size", 1), ("lora_rank", -1), ("lora_alpha", 0), ("vq_steps", 0), ("clip_steps", 0),
