@@ -1,25 +1,24 @@
 """
-Evaluation: the toy benchmark with its oracle, retained abilities, the paper's ablation table,
-and MMIE / InterleavedBench from local copies.
+Evaluation: the toy benchmark with its oracle, retained abilities, the paper's ablation table, and MMIE /
+InterleavedBench from local copies (what their official scorers need: docs/benchmarks.md).
 
     python eval.py --out_dir out                    # every stage checkpoint in out/ on the same held-out prompts
     python eval.py --ablations --out_dir out        # the paper's ablation table in the toy world (--seeds, --rows)
     python eval.py --benchmark mmie --data_path DIR # generate, write the official scorer's input, print a PROXY score
     python eval.py --benchmark interleavedbench --data_path DIR
 
-eval.py's own flags: --benchmark mmie|interleavedbench, --data_path DIR (or the JSON file),
---checkpoint PATH (default: the latest stage in --out_dir, grpo/ then warmup/), --limit N (first N
-records), --skip_bad (skip and list malformed records instead of stopping), --ablations,
---seeds N (default 3), --rows KEY,KEY (a subset of the ablation rows: base, warmup, rf, rt, rv,
-full, nokl_g2, kl_g2, weak_rv). Every other flag is a unigrpo.py config key (python unigrpo.py
---help) and applies to every stage and ablation row, e.g. the budget: --grpo_iters, --warmup_iters,
---prompts_per_step, --eval_prompts.
+eval.py's own flags: --benchmark mmie|interleavedbench, --data_path DIR (or the JSON file), --checkpoint PATH
+(default: the latest stage in --out_dir, grpo/ then warmup/), --limit N (first N records), --skip_bad (skip and
+list malformed records instead of stopping), --ablations, --seeds N (default 3), --rows KEY,KEY (a subset of the
+ablation rows: base, warmup, rf, rt, rv, full, nokl_g2, kl_g2, weak_rv). Every other flag is a unigrpo.py config
+key (python unigrpo.py --help) and applies to every stage and ablation row, e.g. the budget: --grpo_iters,
+--warmup_iters, --prompts_per_step, --eval_prompts.
 
-The ORACLE is the honest number (no reward model): per expected answer step it parses the text and
-reads the image back (data.parse_image). text: the text states the true next scene; image: the image
-shows the scene its own text describes; step: both, and the image shows the true scene. A CLIP reward
-that rises while the oracle stays flat is reward hacking. Retained abilities (the paper's MME-P /
-GenEval analogs): understanding accuracy and text-to-image accuracy, both read by the oracle.
+The ORACLE is the honest number (no reward model): per expected answer step it parses the text and reads the
+image back (data.parse_image). text: the text states the true next scene; image: the image shows the scene its
+own text describes; step: both, and the image shows the true scene. A CLIP reward that rises while the oracle
+stays flat is reward hacking. Retained abilities (the paper's MME-P / GenEval analogs): understanding and
+text-to-image accuracy, both read by the oracle.
 """
 import argparse
 import json
@@ -37,12 +36,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-import data
 import rewards
 import unigrpo
 
 # -----------------------------------------------------------------------------
 # The toy evaluation: every stage checkpoint on the same held-out prompts, scored by the oracle
+
+EVAL_COLUMNS = ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "text", "visual", "images",
+                "understanding_acc", "t2i_acc")
 
 
 def evaluate_checkpoint(path, cfg, n=None, critic_scorer=None, seed=0):
@@ -53,13 +54,18 @@ def evaluate_checkpoint(path, cfg, n=None, critic_scorer=None, seed=0):
 
 
 def stage_checkpoints(out_dir):
-    """{stage: path} of the stage checkpoints in out_dir, in training order (warmup, grpo)."""
+    """{stage: path} of the stage checkpoints in out_dir, in training order (warmup, grpo); none is an error."""
     paths = {name: os.path.join(out_dir, name) for name in ("warmup", "grpo")}
-    return {name: p for name, p in paths.items() if unigrpo.is_checkpoint(p)}  # a LoRA run holds adapters only
+    stages = {name: p for name, p in paths.items() if unigrpo.is_checkpoint(p)}  # a LoRA run holds adapters only
+    if not stages:
+        raise SystemExit(f"error: no checkpoint in {out_dir} (looked for grpo/ and warmup/); train one with python "
+                         f"unigrpo.py --stage grpo --out_dir {out_dir}, or (--benchmark) pass --checkpoint PATH")
+    return stages
 
 
-EVAL_COLUMNS = ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "text", "visual", "images",
-                "understanding_acc", "t2i_acc")
+def latest_checkpoint(out_dir):
+    """out_dir/grpo, else out_dir/warmup."""
+    return list(stage_checkpoints(out_dir).values())[-1]  # in training order: the last is the latest
 
 
 def markdown_table(results):
@@ -73,7 +79,7 @@ def markdown_table(results):
 @torch.no_grad()
 def sample_answers(model, prompts, cfg, generator, batch=32, desc=None):
     """One sampled answer per prompt, as segments (images PIL; None for a grid cut short by a limit).
-    Prompt images may be paths; they are loaded one batch at a time."""
+    Prompt images may be paths, loaded one batch at a time (a whole benchmark's images need not fit in memory)."""
     out = []
     for i in tqdm(range(0, len(prompts), batch), desc=desc, disable=True if desc is None else None):
         ro = unigrpo.sample_interleaved(model, [load_segment_images(p) for p in prompts[i:i + batch]],
@@ -158,8 +164,7 @@ def t_cdf(t, df):
     """Student's t distribution function, by Simpson's rule over the density (exact to ~1e-9 here)."""
     c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
     pdf = lambda x: c * (1 + x * x / df) ** (-(df + 1) / 2)
-    n, a = 2000, abs(t)
-    h = a / n
+    n, h = 2000, abs(t) / 2000
     area = h / 3 * sum(pdf(i * h) * (1 if i in (0, n) else 4 if i % 2 else 2) for i in range(n + 1))
     return 0.5 + math.copysign(area, t)
 
@@ -176,9 +181,8 @@ def t_quantile(p, df):
 def paired_interval(diffs, level=0.95):
     """Mean of paired (same seed) differences, the half-width of its t interval at n - 1 degrees of
     freedom, and the two-sided p-value of 'no difference'. Half-width and p are None for one pair."""
-    n = len(diffs)
-    m, sd = _mean_sd(diffs)
-    if n < 2:
+    n, (m, sd) = len(diffs), _mean_sd(diffs)
+    if sd is None:  # one pair
         return m, None, None
     if sd == 0:
         return m, 0.0, 0.0 if m != 0 else 1.0
@@ -187,9 +191,8 @@ def paired_interval(diffs, level=0.95):
 
 
 def ablation_trend(results, key, seeds, metric="oracle_step"):
-    """One line: does this row move the headline metric against its comparison row as in the paper?
-    Ours is the mean paired (same seed) difference with its 95% t interval and p-value; "within noise"
-    when the interval holds 0; with one seed only the sign can be compared."""
+    """One line: does this row move the headline metric against its comparison row as in the paper? Ours is the
+    mean paired (same seed) difference with its 95% t interval and p; "within noise" when the interval holds 0."""
     row = ABLATIONS[key]
     if row.versus is None:
         return "reference row"
@@ -204,14 +207,10 @@ def ablation_trend(results, key, seeds, metric="oracle_step"):
     m, half, p = paired_interval(d)
     ours = f"{m:+.3f}" + (f", 95% CI [{m - half:+.3f}, {m + half:+.3f}], p = {p:.2g} ({len(d)} seeds)"
                           if half is not None else " (1 seed)")
-    if all(x == 0 for x in d):
-        verdict = "flat: not reproduced"
-    elif half is not None and abs(m) <= half:
-        verdict = "within noise"
-    elif (m > 0) == (row.paper_ib > ref.paper_ib):
-        verdict = "agrees" if half is not None else "agrees in sign (1 seed, no spread)"
-    else:
-        verdict = "disagrees"
+    rules = ((all(x == 0 for x in d), "flat: not reproduced"), (half is not None and abs(m) <= half, "within noise"),
+             ((m > 0) != (row.paper_ib > ref.paper_ib), "disagrees"),
+             (half is None, "agrees in sign (1 seed, no spread)"))
+    verdict = next((v for holds, v in rules if holds), "agrees")  # the first rule that holds
     return f"vs {ref.setting}: paper {arrow(row.paper_ib - ref.paper_ib)} ({paper}); ours {arrow(m)} {ours}: {verdict}"
 
 
@@ -219,14 +218,10 @@ def ablation_table(results, keys, seeds):
     """ONE markdown table: per row the paper's numbers, our metrics (mean ± sample std over seeds) and the trend."""
     cols = ["setting", "paper MMIE", "paper IB"] + list(ABLATION_COLUMNS) + ["trend of oracle_step vs the paper"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in ABLATIONS.values():
-        if row.key not in keys:
-            continue
+    for row in (row for row in ABLATIONS.values() if row.key in keys):
         runs = [results[f"{row.key}/seed{k}"] for k in seeds if f"{row.key}/seed{k}" in results]
-        cells = []
-        for c in ABLATION_COLUMNS:
-            m, sd = _mean_sd([r[c] for r in runs])
-            cells.append("–" if m is None else f"{m:.3f}" + (f" ± {sd:.3f}" if sd is not None else ""))
+        stats = [_mean_sd([r[c] for r in runs]) for c in ABLATION_COLUMNS]
+        cells = ["–" if m is None else f"{m:.3f}" + (f" ± {sd:.3f}" if sd is not None else "") for m, sd in stats]
         paper_mmie = "no valid interleaved output" if row.paper_mmie is None else f"{row.paper_mmie:.2f}"
         lines.append(f"| {row.setting} | {paper_mmie} | {row.paper_ib:.2f} | " + " | ".join(cells)
                      + f" | {ablation_trend(results, row.key, seeds)} |")
@@ -243,10 +238,9 @@ def _share(run, **targets):
 
 
 def run_ablations(cfg, argv, n_seeds=3, only=""):
-    """Every ablation row x seed through unigrpo.main: one prepared world, one warm-up per seed shared by the
-    rows, each GRPO row in OUT_DIR/ablations/ROW/seedK, all evaluated with the default scorers. Writes
-    ablations.md and ablations.json, whose finished (row, seed) results a rerun skips and runners with
-    disjoint --rows may share once the warm-up exists. A killed GRPO run resumes from its checkpoint."""
+    """Every ablation row x seed through unigrpo.main (one prepared world, one warm-up per seed shared by the rows,
+    each GRPO row in OUT_DIR/ablations/ROW/seedK) -> ablations.md and ablations.json. A rerun skips finished
+    (row, seed) results, runners with disjoint --rows may share the out_dir, a killed GRPO run resumes."""
     chosen = [k.strip() for k in only.split(",") if k.strip()] or list(ABLATIONS)
     if [k for k in chosen if k not in ABLATIONS] or n_seeds < 1:
         unigrpo.fail(f"--rows takes a comma-separated subset of {', '.join(ABLATIONS)} (got {only!r}) and "
@@ -300,7 +294,6 @@ def run_ablations(cfg, argv, n_seeds=3, only=""):
         if os.path.exists(path):  # re-read: another runner with other --rows may share this out_dir
             saved["results"] = {**_read_json(path)["results"], **saved["results"]}
         saved["results"][result_key] = res
-        os.makedirs(root, exist_ok=True)
         _dump_json(saved, path)  # after every row: a killed run loses at most the row in progress
         print(f"{tag}: oracle_step {res['oracle_step']:.3f}, reward {res['reward']:.3f} ({time.time() - t0:.0f} s)")
     table = ablation_table(saved["results"], chosen, seeds)
@@ -309,11 +302,8 @@ def run_ablations(cfg, argv, n_seeds=3, only=""):
           f"GRPO iterations per row: {cfg.grpo_iters}; warm-up: {cfg.warmup_iters} iterations, one per seed, "
           f"shared by the rows; {cfg.eval_prompts} held-out prompts per evaluation; "
           f"seeds {cfg.seed}..{cfg.seed + n_seeds - 1}.\n"
-          "Our cells: mean ± sample std over seeds (the seed changes the warm-up, GRPO's prompts and sampling, and "
-          "the evaluation's prompts and sampling). The headline is oracle_step (no reward model involved). "
-          "Every checkpoint is scored with the default r_t / r_v models, so the reward column is comparable across "
-          "rows. The paper's columns are MMIE AVG (%) and InterleavedBench AVG (0..5), a different metric on "
-          "different data: compare trends, not values.\n\n" + table + "\n")
+          "Our cells: mean ± sample std over seeds; the paper's columns are another metric on other data: compare "
+          "trends, not values. How to read this table: docs/benchmarks.md, Ablations.\n\n" + table + "\n")
     with open(os.path.join(root, "ablations.md"), "w", encoding="utf-8") as f:
         f.write(md)
     print(table)
@@ -324,26 +314,20 @@ def run_ablations(cfg, argv, n_seeds=3, only=""):
 # The command line
 
 
-def parse_args(argv):
-    """eval.py's own flags; everything else goes to unigrpo.get_config (type-checked there)."""
-    p = argparse.ArgumentParser(prog="eval.py", add_help=False, allow_abbrev=False)  # --seed is not --seeds
-    p.add_argument("--benchmark", default="")
-    p.add_argument("--data_path", default="")
-    p.add_argument("--checkpoint", default="")
-    p.add_argument("--limit", type=int, default=0)
-    p.add_argument("--skip_bad", action="store_true")
-    p.add_argument("--ablations", action="store_true")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--rows", default="")
-    return p.parse_known_args(argv)
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
         print(__doc__)
         raise SystemExit(0)
-    args, rest = parse_args(argv)
+    # eval.py's own flags (the module docstring); everything else goes to unigrpo.get_config, type-checked there
+    p = argparse.ArgumentParser(prog="eval.py", add_help=False, allow_abbrev=False)  # --seed is not --seeds
+    for flag in ("--benchmark", "--data_path", "--checkpoint", "--rows"):
+        p.add_argument(flag, default="")
+    for flag in ("--skip_bad", "--ablations"):
+        p.add_argument(flag, action="store_true")
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=3)
+    args, rest = p.parse_known_args(argv)
     cfg = unigrpo.get_config(rest)
     if args.benchmark or args.data_path:
         if args.benchmark not in BENCHMARKS:
@@ -361,9 +345,6 @@ def main(argv=None):
     for name, path in stage_checkpoints(cfg.out_dir).items():
         results[name] = evaluate_checkpoint(path, cfg)
         print(f"{name}: {json.dumps(results[name])}")
-    if not results:
-        raise SystemExit(f"error: no checkpoints in {cfg.out_dir}; "
-                         f"run python unigrpo.py --stage grpo --out_dir {cfg.out_dir} first")
     print(markdown_table(results))
     _dump_json(results, os.path.join(cfg.out_dir, "eval.json"))
     return results
@@ -371,10 +352,9 @@ def main(argv=None):
 # =============================================================================
 # Benchmarks: MMIE and InterleavedBench (a first reading may stop here)
 #
-# Neither official judge runs offline (MMIE-Score is a gated 4B model, InterleavedBench's is GPT-4o), so
-# this section writes generations exactly as the official scorers read them, for a user to score
-# officially, and scores them locally with our own reward models. Local numbers are always labelled
-# "proxy": each benchmark's aggregation rules on a different metric, never comparable with published ones.
+# Neither official judge runs offline (MMIE-Score is a gated 4B model, InterleavedBench's is GPT-4o), so this section
+# writes generations as the official scorers read them, to score officially (docs/benchmarks.md), and scores them
+# with our own reward models, labelled "proxy": the official aggregation of another metric, not comparable.
 # A record is a plain dict; a segment is ("text", str) or ("image", absolute path, or a PIL image to write).
 
 MMIE_CATEGORIES = ("SA", "PBL", "MSR")  # tested as substrings of the id, in this order (as the official scorer does)
@@ -382,6 +362,8 @@ MMIE_MAX_IMAGES = 4      # the official scorer drops samples with more images th
 MMIE_IMAGE_CUTOFF = 3    # ... and stops reading the answer once this many images were read in total
 IB_ASPECTS = ("text_quality", "perceptual_quality", "image_coherence", "text_image_coherence", "helpfulness")
 IB_TEXT_ASPECTS = ("text_quality", "text_image_coherence")  # not scored on editing / composition tasks
+UNSAFE_IN_NAMES = re.compile(r"[^A-Za-z0-9_.-]")  # an id's characters that may not stand in a file name
+BENCHMARKS_DOC = "docs/benchmarks.md"  # the learner's reference: what each official scorer needs, how to run it
 
 
 class BenchmarkFormatError(ValueError):
@@ -402,25 +384,36 @@ def _read_json_list(data_path, default_name, bench):
         obj = _read_json(file)
     except json.JSONDecodeError as err:
         raise ValueError(f"{file}: invalid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
-        obj = obj["data"]
+    obj = obj["data"] if isinstance(obj, dict) and isinstance(obj.get("data"), list) else obj
     if not isinstance(obj, list):
         keys = f" with keys {sorted(obj)[:10]}" if isinstance(obj, dict) else ""
-        raise ValueError(f"{file}: expected a JSON list of records (or {{\"data\": [...]}}), "
+        raise ValueError(f'{file}: expected a JSON list of records (or {{"data": [...]}}), '
                          f"got {type(obj).__name__}{keys}")
     return file, os.path.dirname(file), obj
 
 
-def _find_image(folder, rel, subdirs):
+def _find_image(folder, rel, subdirs, where=""):
     """A record's image path -> an existing absolute file, or a BenchmarkFormatError naming what was tried.
     Where the archives unpack relative to the JSON is not documented, so a few roots are tried."""
     if not isinstance(rel, str) or not rel:
-        _bad(f"image path must be a non-empty string, got {rel!r:.60}")
+        _bad(f"{where}image path must be a non-empty string, got {rel!r:.60}")
     tried = [rel] if os.path.isabs(rel) else [os.path.join(folder, d, rel) for d in ("",) + subdirs]
     for p in tried:
         if os.path.isfile(p):
             return os.path.normpath(p)
-    _bad(f"missing image file {rel!r} (tried {', '.join(tried)})")
+    _bad(f"{where}missing image file {rel!r} (tried {', '.join(tried)})")
+
+
+def _context_images(item, n, where, folder, subdirs):
+    """The record's "image" (or "images", one path, none) as found files, which its n "<image>" take in order."""
+    images = item.get("image", item.get("images"))
+    images = [] if images is None else [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        _bad(f'"image" must be a list of paths, got {images!r:.80}')
+    if n != len(images):
+        _bad(f'{n} <image> placeholders in {where} but {len(images)} paths in "image"; '
+             "they are paired in order, so the counts must agree")
+    return [_find_image(folder, p, subdirs) for p in images]
 
 
 def _split_placeholders(text, paths):
@@ -434,14 +427,14 @@ def _split_placeholders(text, paths):
     return segs
 
 
-def _record_id(item, why=""):
-    """Every benchmark record is a JSON object with a non-empty string id."""
+def _string_field(item, key, why=""):
+    """item[key], a non-empty string; every benchmark record is a JSON object."""
     if not isinstance(item, dict):
         _bad(f"expected a JSON object, got {type(item).__name__}")
-    rid = item.get("id")
-    if not isinstance(rid, str) or not rid.strip():
-        _bad(f'missing id: a non-empty string "id" is needed{why}, got {rid!r:.40}')
-    return rid
+    value = item.get(key)
+    if not isinstance(value, str) or not value.strip():
+        _bad(f'missing {key}: a non-empty string "{key}" is needed{why}, got {value!r:.40}')
+    return value
 
 
 def _turns(item, humans, gpts, human_is, gpt_after_human=True):
@@ -450,27 +443,16 @@ def _turns(item, humans, gpts, human_is, gpt_after_human=True):
     convs = item.get("conversations")
     if not isinstance(convs, list):
         _bad(f'"conversations" must be a list of {{"from", "value"}} turns, got {type(convs).__name__}')
-    human = gpt = None
-    notes = []
     for j, turn in enumerate(convs):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or "from" not in turn:
             _bad(f'conversations[{j}] must be an object with "from" and a string "value", got {turn!r:.80}')
-        role = turn["from"]
-        if role in humans and human is None:
-            human = j
-        elif role in gpts and gpt is None and (human is not None or not gpt_after_human):
-            gpt = j
-        else:
-            notes.append(f"conversations[{j}] (from {role!r}) ignored")
+    roles = [turn["from"] for turn in convs]
+    human = next((j for j, role in enumerate(roles) if role in humans), None)
     if human is None:
-        _bad(f"no human turn (the {human_is}); the turns are from {[t['from'] for t in convs]}")
+        _bad(f"no human turn (the {human_is}); the turns are from {roles}")
+    gpt = next((j for j, role in enumerate(roles) if role in gpts and (j > human or not gpt_after_human)), None)
+    notes = [f"conversations[{j}] (from {role!r}) ignored" for j, role in enumerate(roles) if j not in (human, gpt)]
     return convs, human, gpt, notes
-
-
-def _check_pairing(n, images, where):
-    if n != len(images):
-        _bad(f"{n} <image> placeholders in {where} but {len(images)} paths in \"image\"; "
-             "they are paired in order, so the counts must agree")
 
 
 def _load_records(data_path, default_name, bench, parse_one, strict):
@@ -490,29 +472,23 @@ def _load_records(data_path, default_name, bench, parse_one, strict):
                 raise BenchmarkFormatError(f"{file}: {where}: {err}") from None
             skipped.append(f"{where}: record skipped: {err}")
             continue
-        first[rec["id"]] = i
-        rec["index"] = i
+        first[rec["id"]] = rec["index"] = i
         records.append(rec)
         skipped += [f"{where}: {n}" for n in notes]
     return records, skipped
 
 
-def _safe_name(s):
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", s)
-
-
 def _put_image(x, out_dir, stem):
-    """Save a PIL image as PNG, or copy an image file (keeping its extension), to out_dir/images/stem.*;
-    returns the path relative to out_dir, as the scorers want."""
-    if isinstance(x, str):
-        rel = os.path.join("images", stem + (os.path.splitext(x)[1].lower() or ".png"))
-        shutil.copyfile(x, os.path.join(out_dir, rel))
-    elif isinstance(x, Image.Image):
-        rel = os.path.join("images", stem + ".png")
-        x.save(os.path.join(out_dir, rel), format="PNG")
-    else:
+    """Save a PIL image as PNG, or copy an image file keeping its extension, as out_dir/images/stem.*; returns the
+    path relative to out_dir (with "/"), as the scorers want."""
+    if not isinstance(x, (str, Image.Image)):
         raise TypeError(f"an image segment must hold a PIL image or a path, got {type(x).__name__}")
-    return rel.replace(os.sep, "/")
+    rel = f"images/{stem}" + ((os.path.splitext(x)[1].lower() or ".png") if isinstance(x, str) else ".png")
+    if isinstance(x, str):
+        shutil.copyfile(x, os.path.join(out_dir, rel))
+    else:
+        x.save(os.path.join(out_dir, rel), format="PNG")
+    return rel
 
 
 def _answer_segments(answer):
@@ -548,140 +524,97 @@ def _mmie_scorer_segments(value, name, folder):
              f"got {type(value).__name__}")
     segs = []
     for k, seg in enumerate(value):
-        if not isinstance(seg, dict):
-            _bad(f"{name}[{k}] must be an object with \"text\" and/or \"image\", got {seg!r:.60}")
-        text, image = seg.get("text"), seg.get("image")
-        if text is not None and not isinstance(text, str):
-            _bad(f"{name}[{k}].text must be a string or null, got {type(text).__name__}")
-        if text is not None:
-            segs.append(("text", text))
-        if image is not None:
-            try:
-                segs.append(("image", _find_image(folder, image, ("images",))))
-            except BenchmarkFormatError as err:
-                _bad(f"{name}[{k}]: {err}")
+        if not isinstance(seg, dict) or not isinstance(seg.get("text"), (str, type(None))):
+            _bad(f'{name}[{k}] must be an object with a "text" (string or null) and/or an "image", got {seg!r:.60}')
+        if seg.get("text") is not None:
+            segs.append(("text", seg["text"]))
+        if seg.get("image") is not None:
+            segs.append(("image", _find_image(folder, seg["image"], ("images",), f"{name}[{k}]: ")))
     return segs
 
 
-def _mmie_from_scorer_layout(item, folder):
-    notes = []
-    question = _mmie_scorer_segments(item["question"], "question", folder)
-    answer = item.get("answer")
-    answer = [] if answer is None else [("text", answer)] if isinstance(answer, str) else \
-        _mmie_scorer_segments(answer, "answer", folder)
-    model = item.get("model")
-    gt = None
-    if "gt_answer" in item:
-        ga = item["gt_answer"]  # the official reader takes gt_answer[0]["text"], so that must exist
-        if not isinstance(ga, list) or not ga or not isinstance(ga[0], dict) or "text" not in ga[0]:
-            _bad(f'"gt_answer" must be a non-empty list whose first item has a "text" key, got {ga!r:.80}')
-        if ga[0]["text"] is not None and not isinstance(ga[0]["text"], str):
-            _bad(f'gt_answer[0].text must be a string or null, got {type(ga[0]["text"]).__name__}')
-        gt = ga[0]["text"]
-    else:
-        notes.append('no "gt_answer"')
-    if gt is None and model == "gt":  # the release's own answers: the answer is the reference
-        gt = "\n".join(x for k, x in answer if k == "text") or None
-    return question, answer, gt, model, notes
-
-
-def _mmie_from_conversation_layout(item, folder):
-    images = item.get("image", item.get("images"))
-    images = [] if images is None else [images] if isinstance(images, str) else images
-    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-        _bad(f'"image" must be a list of paths, got {images!r:.80}')
-    convs, human, gpt, notes = _turns(item, ("human", "user"), ("gpt", "assistant"), "question")
-    counts = [turn["value"].count("<image>") for turn in convs]
-    _check_pairing(sum(counts), images, "the conversation")
-    paths = [_find_image(folder, p, ("images",)) for p in images]
-    start = lambda j: sum(counts[:j])  # placeholders take the images in order over all turns
-    seg = lambda j: _split_placeholders(convs[j]["value"], paths[start(j):start(j + 1)])
-    question = seg(human)
-    answer = seg(gpt) if gpt is not None else []
-    if gpt is None:
-        notes.append("no gpt turn: no reference answer")
-    gt = "\n".join(x for k, x in answer if k == "text") or None
-    return question, answer, gt, "gt", notes
-
-
 def _mmie_record(item, folder):
-    rid = _record_id(item, " (category and scores are keyed by it)")
+    """One MMIE record in either layout -> (record, notes on what was not read)."""
+    rid = _string_field(item, "id", " (category and scores are keyed by it)")
     category = mmie_category(rid)
     if category is None:
         _bad(f"unknown category: the id contains none of {', '.join(MMIE_CATEGORIES)}")
-    if "conversations" in item:
-        layout, (question, answer, gt, model, notes) = "conversation", _mmie_from_conversation_layout(item, folder)
-    elif "question" in item:
-        layout, (question, answer, gt, model, notes) = "scorer", _mmie_from_scorer_layout(item, folder)
+    if "conversations" in item:  # the release: the human turn asks, the first gpt turn after it is the reference
+        layout, model, gt = "conversation", "gt", None
+        convs, human, gpt, notes = _turns(item, ("human", "user"), ("gpt", "assistant"), "question")
+        counts = [turn["value"].count("<image>") for turn in convs]
+        paths = _context_images(item, sum(counts), "the conversation", folder, ("images",))
+        start = lambda j: sum(counts[:j])  # placeholders take the images in order over all turns
+        seg = lambda j: _split_placeholders(convs[j]["value"], paths[start(j):start(j + 1)])
+        question, answer = seg(human), seg(gpt) if gpt is not None else []
+        notes += [] if gpt is not None else ["no gpt turn: no reference answer"]
+    elif "question" in item:  # the official scorer's input (what write_mmie_outputs writes)
+        layout, model = "scorer", item.get("model")
+        question = _mmie_scorer_segments(item["question"], "question", folder)
+        answer = item.get("answer")
+        answer = [] if answer is None else [("text", answer)] if isinstance(answer, str) else \
+            _mmie_scorer_segments(answer, "answer", folder)
+        notes = [] if "gt_answer" in item else ['no "gt_answer"']
+        ga = item.get("gt_answer", [{"text": None}])  # the official reader takes gt_answer[0]["text"]: it must exist
+        if not (isinstance(ga, list) and ga and isinstance(ga[0], dict) and "text" in ga[0]
+                and isinstance(ga[0]["text"], (str, type(None)))):
+            _bad(f'"gt_answer" must be a list whose first item has a "text" (string or null), got {ga!r:.80}')
+        gt = ga[0]["text"]
     else:
         _bad(f"unknown record layout, keys {sorted(item)}: expected \"conversations\" (the release's turns) "
              "or \"question\"/\"answer\"/\"gt_answer\" (the official scorer's input)")
+    if gt is None and model == "gt":  # the release's own answers: the answer is the reference
+        gt = "\n".join(x for k, x in answer if k == "text") or None
     if not question:
         _bad("empty question")
     if category == "MSR" and not gt:
-        _bad("MSR record without reference answer text (gpt turn, or gt_answer[0].text); "
-             "the MSR judge compares with it")
-    return dict(id=rid, category=category, question=question, answer=answer, gt=gt, model=model,
-                layout=layout), notes
+        _bad("MSR record without reference answer text (gpt turn, or gt_answer[0].text): the MSR judge needs it")
+    return dict(id=rid, category=category, question=question, answer=answer, gt=gt, model=model, layout=layout), notes
 
 
 def load_mmie(data_path, strict=True):
-    """MMIE records from DIR/data.json (or the file itself) as _load_records returns them, in two layouts:
-      conversation  {"id", "conversations": [{"from", "value"}], "image": [paths]}: the human turn is the
-                    question, the first gpt turn after it the reference; each "<image>" takes the next path.
-      scorer        the official scorer's input {"id", "question": [{"text", "image"}], "answer", "model",
-                    "gt_answer"}; with "model": "gt" and a null gt text, the answer's text is the reference.
-    A record: id, category, question, answer (segments), gt (reference text or None), model, layout, index.
-    """
+    """MMIE records from DIR/data.json or the file, in the release's or the official scorer's layout (both in
+    docs/benchmarks.md): id, category, question, answer (segments), gt (reference or None), model, layout, index."""
     return _load_records(data_path, "data.json", "MMIE", _mmie_record, strict)
 
 
 def write_mmie_outputs(records, answers, model_name, out_dir):
     """Write OUT/data.json exactly as the official MMIE scorer reads it, images under OUT/images; returns its path.
-    answers[i] answers records[i]: segments (images PIL, paths or None) or a string. Only MSR's judge reads
-    the reference, so gt_answer holds it for MSR and a null text otherwise."""
+    answers[i], segments or a string, answers records[i]. Only MSR's judge reads the reference (gt_answer)."""
     if len(records) != len(answers):
         raise ValueError(f"{len(records)} records but {len(answers)} answers")
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     entries = []
     for i, (rec, ans) in enumerate(zip(records, answers)):
-        stem, where = f"{i}_{_safe_name(rec['id'])}", f"record {i} (id {rec['id']!r})"  # i keeps names unique
+        stem, where = f"{i}_{UNSAFE_IN_NAMES.sub('_', rec['id'])}", f"record {i} (id {rec['id']!r})"  # i: unique names
         category = rec.get("category") or mmie_category(rec["id"])
         if category == "MSR" and not rec.get("gt"):
             raise ValueError(f"{where}: MSR needs the reference answer text (gt)")
         entries.append({"id": rec["id"],
-                     "question": _write_segments(rec["question"], out_dir, f"{stem}_q", where, "question"),
-                     "answer": _write_segments(_answer_segments(ans), out_dir, f"{stem}_a", where, "answer"),
-                     "model": model_name,
-                     "gt_answer": [{"text": rec["gt"] if category == "MSR" else None, "image": None}]})
+                        "question": _write_segments(rec["question"], out_dir, f"{stem}_q", where, "question"),
+                        "answer": _write_segments(_answer_segments(ans), out_dir, f"{stem}_a", where, "answer"),
+                        "model": model_name,
+                        "gt_answer": [{"text": rec["gt"] if category == "MSR" else None, "image": None}]})
     return _dump_json(entries, os.path.join(out_dir, "data.json"))
 
 
 def _scorer_pairs(segments):
-    """Either segment form -> the official reader's (text, image) pairs."""
+    """Either segment form (or a plain string answer) -> the official reader's (text, image) pairs."""
     if isinstance(segments, str):
         return [(segments, None)]
-    pairs = []
-    for seg in segments:
-        if isinstance(seg, dict):
-            pairs.append((seg.get("text"), seg.get("image")))
-        else:
-            kind, x = seg
-            pairs.append((x, None) if kind == "text" else (None, x))
-    return pairs
+    return [(s.get("text"), s.get("image")) if isinstance(s, dict)  # the scorer-input layout
+            else (s[1], None) if s[0] == "text" else (None, s[1]) for s in segments]  # (kind, x) segments
 
 
 def mmie_scorer_view(record, input_dir=None):
-    """(question_text, answer_text, images): what the official MMIE scorer (dataset.py of
-    github.com/Lillianwei-h/MMIE) builds from a scorer-input dict or a loaded record. With input_dir, an
-    image counts only if input_dir/path exists (the official reader skips it) and is returned joined to it."""
+    """(question_text, answer_text, images) as the official MMIE scorer reads them; see _mmie_read."""
     return _mmie_read(record, input_dir)[:3]
 
 
 def _mmie_read(record, input_dir=None):
-    """Per segment the text and a newline, per image "Image-k: <image>"; the answer stops once 3 images were
-    read, checked after each text and each image. Also returns the answer segments read (for the proxy)."""
-    exists = (lambda p: True) if input_dir is None else (lambda p: os.path.exists(os.path.join(input_dir, p)))
+    """What dataset.py of github.com/Lillianwei-h/MMIE builds from a scorer-input dict or a loaded record: per segment
+    the text and a newline, per image "Image-k: <image>" (with input_dir: only if that file exists, joined to it);
+    the answer stops once 3 images were read, checked after each text and image. Also the answer segments read."""
     resolve = (lambda p: p) if input_dir is None else (lambda p: os.path.join(input_dir, p))
     images, texts, read = [], ["", ""], []
     for part, segs in enumerate((record["question"], record.get("answer") or [])):
@@ -691,7 +624,7 @@ def _mmie_read(record, input_dir=None):
                 read += [("text", text)] if part else []
             if part == 1 and len(images) >= MMIE_IMAGE_CUTOFF:
                 break
-            if image is not None and exists(image):
+            if image is not None and (input_dir is None or os.path.exists(resolve(image))):
                 texts[part] += f"Image-{len(images)}: <image>\n"
                 images.append(resolve(image))
                 read += [("image", images[-1])] if part else []
@@ -716,26 +649,20 @@ def parse_mmie_score(text):
 
 
 def aggregate_mmie(scores_by_id, categories_by_id, label="proxy"):
-    """MMIE aggregation: per-category means and AVG = mean over ALL valid samples (weighted by category size);
-    percent = mean / 6 * 100. A score is a judge reply, a number on 0..6 or None; invalid ones are counted.
-    label: "proxy" unless the official judge scored ("MMIE-Score")."""
+    """MMIE aggregation: per-category means and AVG = the mean over ALL valid samples (weighted by category size),
+    percent = mean / 6 * 100. A score is a judge reply, a number on 0..6 or None (invalid, counted)."""
     groups, invalid = {c: [] for c in MMIE_CATEGORIES}, []
     for rid, s in scores_by_id.items():
         cat = categories_by_id.get(rid)
         if cat not in groups:
             raise ValueError(f"id {rid!r}: category {cat!r} is not one of {MMIE_CATEGORIES}")
-        if isinstance(s, str):
-            s = parse_mmie_score(s)
+        s = parse_mmie_score(s) if isinstance(s, str) else s
         if s is None or isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s <= 6:  # NaN fails too
             invalid.append(rid)
         else:
             groups[cat].append(float(s))
-
-    def summary(v):
-        mean = _mean(v)
-        return {"n": len(v), "mean": mean, "percent": None if mean is None else mean / 6 * 100}
-    out = {"label": label, **{c: summary(v) for c, v in groups.items()},
-           "AVG": summary([s for v in groups.values() for s in v])}
+    summary = lambda v: {"n": len(v), "mean": _mean(v), "percent": None if not v else _mean(v) / 6 * 100}
+    out = {"label": label, **{c: summary(v) for c, v in groups.items()}, "AVG": summary(sum(groups.values(), []))}
     out.update(n_valid=out["AVG"]["n"], n_invalid=len(invalid), invalid_ids=invalid)
     return out
 
@@ -745,22 +672,14 @@ def aggregate_mmie(scores_by_id, categories_by_id, label="proxy"):
 def ib_text_aspects_scored(task_name):
     """False on image editing and multi-concept composition, whose text aspects the judge does not score;
     their task names are not published, so "edit" or "composition" in the name marks them."""
-    t = task_name.lower()
-    return not ("edit" in t or "composition" in t)
+    return not any(word in task_name.lower() for word in ("edit", "composition"))
 
 
 def _ib_record(item, folder):
-    rid = _record_id(item)
-    task = item.get("task_name")
-    if not isinstance(task, str) or not task.strip():
-        _bad(f'missing task_name: a non-empty string is needed, got {task!r:.40}')
-    images = [] if item.get("image") is None else item["image"]  # context-free records may have no images
-    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-        _bad(f'"image" must be a list of relative paths, got {images!r:.80}')
+    rid, task = _string_field(item, "id"), _string_field(item, "task_name")
     convs, human, gpt, notes = _turns(item, ("human",), ("gpt",), "instruction", gpt_after_human=False)
     instruction = convs[human]["value"].replace("<BEGIN>", "")
-    _check_pairing(instruction.count("<image>"), images, "the human turn")
-    paths = [_find_image(folder, p, ("images", "zipped_images")) for p in images]
+    paths = _context_images(item, instruction.count("<image>"), "the human turn", folder, ("images", "zipped_images"))
     prompt = _split_placeholders(instruction, paths)
     if not prompt:
         _bad("empty instruction")
@@ -769,10 +688,8 @@ def _ib_record(item, folder):
 
 
 def load_interleavedbench(data_path, strict=True):
-    """InterleavedBench records from DIR/interleaved_bench.json (or the file itself) as _load_records returns
-    them. In: {"id", "image": [paths], "task_name", "conversations", "goal", "category", "dataset_id"}; the
-    human turn is the instruction, each "<image>" taking the next path. Out: id, task_name, prompt
-    (segments), reference (the gpt turn; the judge is reference-free), goal, category, dataset_id, index."""
+    """InterleavedBench records from DIR/interleaved_bench.json or the file (layout: docs/benchmarks.md): id, task_name,
+    prompt (segments), reference (the gpt turn; the judge is reference-free), goal, category, dataset_id, index."""
     return _load_records(data_path, "interleaved_bench.json", "InterleavedBench", _ib_record, strict)
 
 
@@ -784,7 +701,7 @@ def write_interleavedbench_outputs(records, answers, out_dir):
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     entries, stems = [], set()
     for i, (rec, ans) in enumerate(zip(records, answers)):
-        stem, where = _safe_name(rec["id"]), f"record {i} (id {rec['id']!r})"
+        stem, where = UNSAFE_IN_NAMES.sub("_", rec["id"]), f"record {i} (id {rec['id']!r})"
         if stem in stems:
             raise ValueError(f"{where}: its image names collide with another record's")
         stems.add(stem)
@@ -846,24 +763,16 @@ def _image_coherence(images, scorer):
 
 
 def proxy_aspects(segments, prompt_text, scorer, text_ok=None, image_ok=None):
-    """A PROXY for InterleavedBench's five aspects on 0..5 from our own signals, blank texts dropped:
-      text_quality          the share of texts text_ok accepts (default: has words)
-      perceptual_quality    the share of images complete and passing image_ok (no aesthetics model)
-      image_coherence       mean pairwise image similarity (uncalibrated)
-      text_image_coherence  scorer.score(image, the text before it, else prompt_text); None images count 0
-      helpfulness           the share of neighbouring segments that switch modality (structure only)
-    scorer: a visual scorer with .score(images, texts) -> [B] in [0, 1] (rewards.ClipScorer, ...)."""
+    """A PROXY for InterleavedBench's five aspects on 0..5 from our own signals, blank texts dropped (what each one
+    measures: docs/benchmarks.md). scorer: .score(images, texts) -> [B] in [0, 1]; text_ok / image_ok: accept one."""
     text_ok = text_ok or rewards.has_words
     content = [(k, x) for k, x in segments if not (k == "text" and not rewards.has_words(x))]
     texts = [x for k, x in content if k == "text"]
     images = [x for k, x in content if k == "image"]
     complete = [x for x in images if x is not None]
-    pairs = []
-    for j, (k, x) in enumerate(content):
-        if k == "image" and x is not None:
-            before = content[j - 1][1] if j > 0 and content[j - 1][0] == "text" else prompt_text
-            if rewards.has_words(before):
-                pairs.append((x, before))
+    # text_image_coherence scores each image against the text before it, else the prompt
+    before = [content[j - 1][1] if j and content[j - 1][0] == "text" else prompt_text for j in range(len(content))]
+    pairs = [(x, b) for (k, x), b in zip(content, before) if k == "image" and x is not None and rewards.has_words(b)]
     tic = [float(s) for s in scorer.score([p[0] for p in pairs], [p[1] for p in pairs])] if pairs else []
     switches = sum(a[0] != b[0] for a, b in zip(content, content[1:]))
     structure = switches / (len(content) - 1) if texts and images else 0.0
@@ -871,7 +780,7 @@ def proxy_aspects(segments, prompt_text, scorer, text_ok=None, image_ok=None):
             "perceptual_quality": 5 * sum(image_ok is None or bool(image_ok(x)) for x in complete) / len(images)
             if images else 0.0,
             "image_coherence": 5 * _image_coherence(complete, scorer),
-            "text_image_coherence": 5 * sum(tic) / len(images) if images else 0.0,
+            "text_image_coherence": 5 * sum(tic) / len(images) if images else 0.0,  # None images count 0
             "helpfulness": 5 * structure}
 
 
@@ -882,8 +791,8 @@ def proxy_mmie_score(aspects):
 
 
 def proxy_mmie(folder, scorer):
-    """PROXY scores of a written MMIE scorer-input folder, on exactly what the official judge reads
-    (answer cut off after 3 images, >4-image samples dropped), aggregated by the official rules."""
+    """PROXY scores of a written MMIE scorer-input folder, on exactly what the official judge reads (answer cut off
+    after 3 images, >4-image samples dropped), aggregated by the official rules -> (aggregate, per id, a summary)."""
     scores, cats, dropped = {}, {}, []
     for entry in _read_json(os.path.join(folder, "data.json")):
         _, _, images, answer = _mmie_read(entry, folder)
@@ -895,70 +804,51 @@ def proxy_mmie(folder, scorer):
         cats[entry["id"]] = mmie_category(entry["id"])
     agg = aggregate_mmie(scores, cats, label="proxy")
     agg.update(n_dropped=len(dropped), dropped_ids=dropped)
-    return agg, scores
+    cell = lambda c: "n/a" if agg[c]["percent"] is None else f"{agg[c]['percent']:.1f}%"
+    parts = [f"{c} {cell(c)} (n {agg[c]['n']})" for c in MMIE_CATEGORIES + ("AVG",)]
+    return agg, scores, ("PROXY MMIE (our own reward models, NOT MMIE-Score: not comparable with published numbers): "
+                         + " | ".join(parts) + f"; AVG weighted by category size; {len(dropped)} dropped by the "
+                         f"official >{MMIE_MAX_IMAGES}-image rule, {agg['n_invalid']} invalid")
 
 
 def proxy_interleavedbench(folder, records, scorer):
-    """PROXY aspects of a written InterleavedBench predictions folder, aggregated by the official rules."""
+    """PROXY aspects of a written predictions folder, by the official rules -> (aggregate, per id, a summary)."""
     prompt = {r["id"]: " ".join(x for k, x in r["prompt"] if k == "text") for r in records}
     aspects, tasks = {}, {}
     for entry in load_interleavedbench_outputs(folder):
         aspects[entry["id"]] = proxy_aspects(load_segment_images(entry["output"]), prompt[entry["id"]], scorer)
         tasks[entry["id"]] = entry["task_name"]
-    return aggregate_interleavedbench(aspects, tasks, label="proxy"), aspects
-
-
-def format_proxy(name, agg):
-    if name == "mmie":
-        cell = lambda c: "n/a" if agg[c]["percent"] is None else f"{agg[c]['percent']:.1f}%"
-        parts = [f"{c} {cell(c)} (n {agg[c]['n']})" for c in MMIE_CATEGORIES + ("AVG",)]
-        return ("PROXY MMIE (our own reward models, NOT MMIE-Score: not comparable with published numbers): "
-                + " | ".join(parts) + f"; AVG weighted by category size; {agg['n_dropped']} dropped by the official "
-                f">{MMIE_MAX_IMAGES}-image rule, {agg['n_invalid']} invalid")
+    agg = aggregate_interleavedbench(aspects, tasks, label="proxy")
     cell = lambda v: "n/a" if v is None else f"{v:.2f}"
-    return ("PROXY InterleavedBench (our own reward models, NOT the GPT-4o judge: not comparable with published "
-            "numbers), 0..5: " + " | ".join(f"{a} {cell(agg[a])}" for a in IB_ASPECTS + ("AVG",))
-            + f" (n {agg['n_valid']}; text aspects left out on editing / composition)")
+    cells = " | ".join(f"{a} {cell(agg[a])}" for a in IB_ASPECTS + ("AVG",))
+    return agg, aspects, ("PROXY InterleavedBench (our own reward models, NOT the GPT-4o judge: not comparable with "
+                          f"published numbers), 0..5: {cells} (n {agg['n_valid']}; text aspects left out on editing / "
+                          "composition)")
 
 # --- the benchmark command: generate, write the official scorer's input, proxy score
 
-# name -> (its loader, the file the loader reads in --data_path DIR)
-BENCHMARKS = {"mmie": (load_mmie, "data.json"), "interleavedbench": (load_interleavedbench, "interleaved_bench.json")}
-OFFICIAL = {
-    "mmie": "To score officially with the MMIE-Eval judge (MMIE-Score, a fine-tuned InternVL2-4B; one GPU), from a "
-            "clone\nof github.com/Lillianwei-h/MMIE (judge weights: see its README):\n"
-            "    python main.py --model_path PATH_TO_MMIE-Eval --input_dir {folder} --input_name data.json\n"
-            "It prints SA / PBL / MSR / AVG on 0..6 (percent = x / 6 * 100) and writes eval_outputs/eval_result.json.",
-    "interleavedbench": "To score officially: InterleavedBench's judge is GPT-4o (an API key), run by the script "
-            "released with the\nbenchmark (mqliu/InterleavedBench). Its exact input layout is not published in a "
-            "form we could read, so\n{folder}/predictions.json is a complete record to convert from: per id, the "
-            "task_name and the output\nsegments in generated order ({{\"text\": ...}} or {{\"image\": "
-            "\"images/<id>_<k>.png\"}}). Report the five\naspects on 0..5 and their mean, without the two text "
-            "aspects on editing / composition tasks.",
+# name -> (its loader, the file it reads in --data_path DIR, how to score officially in short: see BENCHMARKS_DOC)
+BENCHMARKS = {
+    "mmie": (load_mmie, "data.json", "To score officially with the MMIE-Eval judge (MMIE-Score, a fine-tuned "
+             "InternVL2-4B; one GPU),\nfrom a clone of github.com/Lillianwei-h/MMIE:\n"
+             "    python main.py --model_path PATH_TO_MMIE-Eval --input_dir {folder} --input_name data.json"),
+    "interleavedbench": (load_interleavedbench, "interleaved_bench.json", "To score officially with the GPT-4o judge "
+                         "(an API key): convert {folder}/predictions.json\nto the input of the script released with "
+                         "the benchmark (mqliu/InterleavedBench)."),
 }
 
 
-def latest_checkpoint(out_dir):
-    """out_dir/grpo, else out_dir/warmup."""
-    stages = stage_checkpoints(out_dir)
-    if not stages:
-        raise SystemExit(f"error: no checkpoint in {out_dir} (looked for grpo/ and warmup/); train one with "
-                         f"python unigrpo.py --stage grpo --out_dir {out_dir}, or pass --checkpoint PATH")
-    return stages.get("grpo", stages.get("warmup"))
-
-
 def run_benchmark(cfg, name, data_path, checkpoint="", limit=0, skip_bad=False):
-    """Read a benchmark's local copy, answer every record with one checkpoint (context images through
-    the understanding path), write OUT_DIR/bench/NAME in the official scorer's input layout, and
-    print and save (OUT_DIR/bench/NAME_proxy.json) a PROXY score computed from what was written."""
-    loader, _ = BENCHMARKS[name]
+    """Answer every record of a benchmark's local copy with one checkpoint (context images through the understanding
+    path), write OUT_DIR/bench/NAME as the official scorer reads it, and print and save a PROXY score of what was
+    written (OUT_DIR/bench/NAME_proxy.json)."""
+    loader, _, official = BENCHMARKS[name]
     try:
         records, skipped = loader(data_path, strict=not skip_bad)
-    except BenchmarkFormatError as err:
-        raise SystemExit(f"error: {err}\nfix that record (layout: README, Benchmarks), or pass --skip_bad to skip "
-                         "malformed records and list them") from None
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+    except (ValueError, FileNotFoundError) as err:  # a BenchmarkFormatError names one record: say how to get past it
+        fix = (f"\nfix that record (the layouts: {BENCHMARKS_DOC}), or pass --skip_bad to skip malformed records "
+               "and list them") if isinstance(err, BenchmarkFormatError) else ""
+        raise SystemExit(f"error: {err}{fix}") from None
     for note in skipped:
         print(f"{name}: {note}")
     records = records[:limit] if limit > 0 else records
@@ -969,34 +859,31 @@ def run_benchmark(cfg, name, data_path, checkpoint="", limit=0, skip_bad=False):
     model = unigrpo.load_model(ckpt, dev, getattr(torch, cfg.dtype)).eval()
     clip_dir = os.path.join(cfg.out_dir, "prepare", cfg.visual_scorer)
     if cfg.visual_scorer in ("clip", "clip_weak") and not os.path.isdir(clip_dir):
-        raise SystemExit(f"error: the proxy needs the visual scorer {cfg.out_dir}/prepare/{cfg.visual_scorer}; pass "
-                         "the --out_dir of the run that trained the checkpoint, "
-                         "or --visual_scorer openclip:ARCH/PRETRAINED")
+        raise SystemExit(f"error: the proxy needs the visual scorer {clip_dir}; pass the --out_dir of the run that "
+                         "trained the checkpoint, or --visual_scorer openclip:ARCH/PRETRAINED")
     # only the visual scorer is used: the toy critic stands in so that a VLM critic is never loaded for nothing
     _, scorer = unigrpo.build_scorers(SimpleNamespace(**{**vars(cfg), "text_critic": "toy"}), model.tokenizer, dev)
     prompts = [r["question"] if name == "mmie" else r["prompt"] for r in records]
     tok = model.tokenizer
     ids = [i for p in prompts for k, x in p if k == "text" for i in tok(x, add_special_tokens=False).input_ids]
     unk_frac = sum(i == tok.unk_token_id for i in ids) / max(1, len(ids)) if tok.unk_token_id is not None else 0.0
-    if unk_frac > 0:
-        print(f"{name}: {unk_frac:.0%} of the {len(ids)} prompt text tokens are {tok.unk_token} for this "
-              "checkpoint's tokenizer: the model cannot read that text (the toy world knows its own words only), so "
-              "the outputs check the pipeline and the layout, not the method")
+    if unk_frac > 0:  # the toy world's tokenizer knows its own words only
+        print(f"{name}: {unk_frac:.0%} of the {len(ids)} prompt text tokens are {tok.unk_token} for this checkpoint's "
+              "tokenizer: the model cannot read that text, so the outputs test the pipeline and layout, not the method")
     g = torch.Generator(device=model.device).manual_seed(cfg.seed)
-    # the GRPO sampling batch: a batch size known to fit this model's memory
-    answers = sample_answers(model, prompts, cfg, g, batch=cfg.prompts_per_step * cfg.group_size,
-                             desc=f"{name}: generate")
+    batch = cfg.prompts_per_step * cfg.group_size  # GRPO's sampling batch: a size known to fit this model's memory
+    answers = sample_answers(model, prompts, cfg, g, batch=batch, desc=f"{name}: generate")
     folder = os.path.join(cfg.out_dir, "bench", name)
     model_name = "unigrpo-" + os.path.basename(os.path.normpath(ckpt))
     if name == "mmie":
         unigrpo.atomic_dir(folder, lambda d: write_mmie_outputs(records, answers, model_name, d))
-        written, (agg, per_sample) = "data.json", proxy_mmie(folder, scorer)
+        written, (agg, per_sample, summary) = "data.json", proxy_mmie(folder, scorer)
     else:
         unigrpo.atomic_dir(folder, lambda d: write_interleavedbench_outputs(records, answers, d))
-        written, (agg, per_sample) = "predictions.json", proxy_interleavedbench(folder, records, scorer)
+        written, (agg, per_sample, summary) = "predictions.json", proxy_interleavedbench(folder, records, scorer)
     print(f"{name}: {len(records)} answers by {ckpt} written to {folder} ({written} + images/)")
-    print(format_proxy(name, agg))
-    print(OFFICIAL[name].format(folder=folder))
+    print(summary)
+    print(official.format(folder=folder) + f"\nWhat the official scorer needs, step by step: {BENCHMARKS_DOC}")
     result = dict(benchmark=name, label="proxy", checkpoint=ckpt, data_path=data_path, n_records=len(records),
                   unk_fraction=unk_frac, skipped=skipped, aggregate=agg, per_sample=per_sample)
     _dump_json(result, os.path.join(cfg.out_dir, "bench", f"{name}_proxy.json"))
