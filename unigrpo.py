@@ -91,7 +91,7 @@ rl_tasks = "story,howto,continuation"  # the task families GRPO's prompts come f
 group_size = 4            # G, rollouts per prompt (paper: 4)
 lr = 5e-5                 # AdamW
 inner_epochs = 2          # optimisation passes over each batch of rollouts
-micro_batch = 64          # rollouts per forward/backward of the update; gradients accumulate (memory, not maths)
+micro_batch = 32          # rollouts per forward/backward of the update, by length; gradients accumulate (memory)
 clip_eps = 0.2
 kl_beta = 0.04            # 0 = no KL term and no reference model in memory
 loss_type = "sequence"    # sequence: the paper's 1/|o_i| mean per trajectory; token: mean over all tokens
@@ -928,20 +928,18 @@ def head_logprobs(model, h, image, temperature, h_uncond=None, cfg_scale=1.0):
 
 
 def kv_cache(n_layers, capacity):
-    """A transformers Cache whose layers write into preallocated buffers, doubled when full (the default
-    DynamicCache concatenates: it copies every layer's keys and values at each decoded token)."""
+    """A transformers Cache whose layers write into buffers sized for the whole rollout. The default
+    DynamicCache concatenates: it copies every layer's keys and values at each decoded token, and holds
+    two copies while it does."""
     from transformers.cache_utils import Cache, DynamicLayer
 
     class BufferLayer(DynamicLayer):
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.dtype, self.device, self.is_initialized, self.length = key_states.dtype, key_states.device, True, 0
-                shape = (*key_states.shape[:2], max(capacity, key_states.shape[-2]), key_states.shape[-1])
+                shape = (*key_states.shape[:2], capacity, key_states.shape[-1])
                 self.k_buf, self.v_buf = key_states.new_empty(shape), value_states.new_empty(shape)
             end = self.length + key_states.shape[-2]
-            if end > self.k_buf.shape[-2]:
-                grow = lambda buf: torch.cat([buf, torch.empty_like(buf)], -2)
-                self.k_buf, self.v_buf = grow(self.k_buf), grow(self.v_buf)
             self.k_buf[:, :, self.length:end], self.v_buf[:, :, self.length:end] = key_states, value_states
             self.keys, self.values, self.length = self.k_buf[:, :, :end], self.v_buf[:, :, :end], end
             return self.keys, self.values
@@ -972,7 +970,7 @@ def _sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max
         prompt_ids = torch.cat([prompt_ids, unconditional_ids(model, prompt_ids, no_image)])
         prompt_mask, no_image, context = prompt_mask.repeat(2, 1), no_image.repeat(2, 1), context * 2
     P = prompt_ids.shape[1]
-    cache = kv_cache(model.janus.config.text_config.num_hidden_layers, P + min(max_new_tokens, 64))
+    cache = kv_cache(model.janus.config.text_config.num_hidden_layers, P + max_new_tokens)
     attn = torch.cat([prompt_mask, prompt_mask.new_ones(len(prompt_mask), max_new_tokens)], 1).bool()  # sliced below
     pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     h = model.trunk(model.embed(prompt_ids, no_image), prompt_mask, pos, cache,
