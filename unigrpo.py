@@ -1017,7 +1017,7 @@ def _sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max
         segment = segment + start.long() + closing.long()
         seg_len = torch.where(closing, 0, seg_len)
         force_eoi = in_image & (img_left == 0)
-        if done.all():
+        if done.all() or i + 1 == max_new_tokens:  # no forward for a token that will not be sampled
             break
         tok_in, img_in = tok, in_image
         if guided:

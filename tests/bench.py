@@ -624,7 +624,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="smoke run: every row, tiny sizes, 1 repeat (seconds)")
     ap.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per row, median reported (default 5; --quick 1)")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the toy model runs fastest on one)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; the pipeline's default is one per core)")
     ap.add_argument("--pipeline", action="store_true", help="also time the default pipeline from an empty out_dir (minutes)")
     ap.add_argument("--out_dir", default="", help="a finished run: adds a GRPO step of its trained checkpoint")
     ap.add_argument("--vs_trl", action="store_true", help="only: one GRPO step of ours against TRL's GRPOTrainer (CPU)")
@@ -663,13 +663,14 @@ def main(argv=None):
         return rows
     rows = []
     log("sampler vs generate")
-    start = reset_peak(dev)
-    batch = 4 if q else 32
-    sampler = sampler_rows(cfg, dev, batch, 8 if q else 64, repeats)
-    mem = peak_memory(dev, start)
-    for name, setting, ours, hf, ratio in sampler:
-        rows.append((f"sampler, {name}", setting, f"{ratio:.2f}x", f"ours {ours:.0f} tok/s vs HF generate {hf:.0f} tok/s "
-                     "(medians; the ratio is the median of paired runs)", mem))
+    # the bench's batch, then the default GRPO step's (prompts_per_step x group_size rollouts in one call)
+    for batch in (4,) if q else (32, cfg.prompts_per_step * cfg.group_size):
+        start = reset_peak(dev)
+        sampler = sampler_rows(cfg, dev, batch, 8 if q else 64, repeats)
+        mem = peak_memory(dev, start)
+        for name, setting, ours, hf, ratio in sampler:
+            rows.append((f"sampler, {name}", setting, f"{ratio:.2f}x", f"ours {ours:.0f} tok/s vs HF generate {hf:.0f} "
+                         "tok/s (medians; the ratio is the median of paired runs)", mem))
     sweep, calls = grpo_sweep(cfg, dev, Gs=(2,) if q else (2, 4, 8), ks=(1,) if q else (1, 2, 3, 4), grids=(16, 64),
                               base_G=2 if q else 4, base_k=1 if q else 2, n_prompts=2 if q else 8, repeats=repeats)
     rows += sweep
