@@ -25,7 +25,7 @@ What this simplifies:
 Read top to bottom: config, model, plumbing (a first reading may skip it), the interleaved sampler, log-probs,
 GRPO maths, warm-up, GRPO, command line, main.
 """
-import contextlib, datetime, difflib, importlib.util, json, math, os, random, shutil, sys, tempfile, time
+import contextlib, ctypes, datetime, difflib, gc, importlib.util, json, math, os, random, shutil, sys, tempfile, time
 from ast import literal_eval
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -1770,6 +1770,14 @@ def check_data(cfg, todo):
             data.load_prompts(path, check_only=True)
 
 
+def release_memory():
+    """Between stages: glibc keeps freed heap mapped, so a stage would start from the last one's high-water mark
+    (about 250 MB of the toy pipeline's peak)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def main(argv=None):
     cfg = get_config(sys.argv[1:] if argv is None else argv)
     if cfg.dry_run:
@@ -1812,6 +1820,7 @@ def main(argv=None):
             warmup(cfg, log, mix)
         else:
             grpo(cfg, log)
+        release_memory()
     if ddp:
         torch.distributed.destroy_process_group()
     return cfg
