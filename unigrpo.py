@@ -934,11 +934,14 @@ def kv_cache(n_layers, capacity):
     from transformers.cache_utils import Cache, DynamicLayer
 
     class BufferLayer(DynamicLayer):
+        def lazy_initialization(self, key_states, value_states):
+            super().lazy_initialization(key_states, value_states)  # dtype, device, is_initialized
+            shape = (*key_states.shape[:2], capacity, key_states.shape[-1])
+            self.k_buf, self.v_buf, self.length = key_states.new_empty(shape), value_states.new_empty(shape), 0
+
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
-                self.dtype, self.device, self.is_initialized, self.length = key_states.dtype, key_states.device, True, 0
-                shape = (*key_states.shape[:2], capacity, key_states.shape[-1])
-                self.k_buf, self.v_buf = key_states.new_empty(shape), value_states.new_empty(shape)
+                self.lazy_initialization(key_states, value_states)
             end = self.length + key_states.shape[-2]
             self.k_buf[:, :, self.length:end], self.v_buf[:, :, self.length:end] = key_states, value_states
             self.keys, self.values, self.length = self.k_buf[:, :, :end], self.v_buf[:, :, :end], end
@@ -1556,7 +1559,7 @@ def evaluate(model, critic, scorer, cfg, n, seed=0):
             else:
                 o = data.oracle_step_scores(segs, e.states)  # per step (text, image, both right); [] for a real prompt
                 names = ("oracle_text", "oracle_image", "oracle_step")
-                oracle = {k: sum(x[i] for x in o) / len(o) for i, k in enumerate(names)} if o else {}
+                oracle = {k: sum(x[c] for x in o) / len(o) for c, k in enumerate(names)} if o else {}
                 rows.append(dict(task=e.task, **oracle, format=float(sc["format"][j]), text=float(sc["text"][j]),
                                  visual=float(sc["visual"][j]), reward=float(sc["reward"][j]),
                                  images=sum(k == "image" for k, _ in segs)))
@@ -1771,8 +1774,7 @@ def check_data(cfg, todo):
 
 
 def release_memory():
-    """Between stages: glibc keeps freed heap mapped, so a stage would start from the last one's high-water mark
-    (about 250 MB of the toy pipeline's peak)."""
+    """Between stages: glibc keeps freed heap mapped, so a stage would start from the last one's high-water mark."""
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -1820,7 +1822,8 @@ def main(argv=None):
             warmup(cfg, log, mix)
         else:
             grpo(cfg, log)
-        release_memory()
+        if name != todo[-1]:
+            release_memory()
     if ddp:
         torch.distributed.destroy_process_group()
     return cfg
