@@ -177,22 +177,25 @@ class UnifiedModel(torch.nn.Module):
         ids += self.tokenizer("\n\n<|Assistant|>:", add_special_tokens=False).input_ids if self.chat else [self.sep_id]
         return ids, pixels
 
-    def encode_answer(self, segments):
-        """Target segments -> (ids, is_image, trainable) with images as VQ codes; <end_of_image> is forced by the
-        sampler after a full grid, so it is not a trained prediction."""
-        ids, is_image, train = [], [], []
-        images = [x for k, x in segments if k == "image"]
-        codes = iter(self.vq_encode(images)) if images else None
-        for kind, x in segments:
-            if kind == "text":
-                t = self.tokenizer(x, add_special_tokens=False).input_ids
-                ids, is_image, train = ids + t, is_image + [False] * len(t), train + [True] * len(t)
-            else:
-                c = next(codes).tolist()
-                ids += [self.boi_id] + c + [self.eoi_id]
-                is_image += [False] + [True] * len(c) + [False]
-                train += [True] * (len(c) + 1) + [False]
-        return ids + [self.eos_id], is_image + [False], train + [True]
+    def encode_answers(self, answers, batch=256):
+        """Target segment lists -> per answer (ids, is_image, trainable), images as VQ codes (encoded `batch` at a
+        time); <end_of_image> is forced by the sampler after a full grid, so it is not a trained prediction."""
+        images = [x for segments in answers for k, x in segments if k == "image"]
+        codes = iter([c.tolist() for i in range(0, len(images), batch) for c in self.vq_encode(images[i:i + batch])])
+        out = []
+        for segments in answers:
+            ids, is_image, train = [], [], []
+            for kind, x in segments:
+                if kind == "text":
+                    t = self.tokenizer(x, add_special_tokens=False).input_ids
+                    ids, is_image, train = ids + t, is_image + [False] * len(t), train + [True] * len(t)
+                else:
+                    c = next(codes)
+                    ids += [self.boi_id] + c + [self.eoi_id]
+                    is_image += [False] + [True] * len(c) + [False]
+                    train += [True] * (len(c) + 1) + [False]
+            out.append((ids + [self.eos_id], is_image + [False], train + [True]))
+        return out
 
     def pixels(self, img):
         img = img.convert("RGB")
@@ -491,7 +494,7 @@ def apply_gradients(opt, grad_clip, model=None):
 def shard(model, reshard_root=False):
     """Shard weights (then gradients and AdamW states) over the ranks: each decoder layer is a unit (gathered for
     its forward and backward), the root holds the rest (embeddings, heads, vision; gathered around
-    model.forward). The frozen VQ stays whole on every rank: encode_answer and decode_rollout use it outside."""
+    model.forward). The frozen VQ stays whole on every rank: encode_answers and decode_rollout use it outside."""
     from torch.distributed.fsdp import fully_shard
     for layer in model.janus.model.language_model.layers:
         fully_shard(layer)
@@ -1204,7 +1207,7 @@ def make_batch(model, examples, answers=None):
     """Examples -> a teacher-forcing Rollout (prompt left-padded, answer right-padded). `answers` may hold
     pre-encoded answers (VQ encoding once per data set, not once per iteration)."""
     prompt_ids, prompt_mask, context = pad_prompts(model, [e.prompt for e in examples])
-    enc = answers if answers is not None else [model.encode_answer(e.answer) for e in examples]
+    enc = answers if answers is not None else model.encode_answers([e.answer for e in examples])
     T = max(len(ids) for ids, _, _ in enc)
     ids = torch.full((len(enc), T), model.pad_id, dtype=torch.long)
     is_image = torch.zeros(len(enc), T, dtype=torch.bool)
@@ -1298,7 +1301,7 @@ def warmup(cfg, log, mix=None):
     if cfg.fsdp:
         model = shard(model)
     mix = mix or warmup_examples(cfg)
-    answers = [model.encode_answer(e.answer) for e in tqdm(mix, desc="encode warm-up answers", disable=None)]
+    answers = model.encode_answers([e.answer for e in mix])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.warmup_lr, weight_decay=0.0)
     # the batch sampler and CFG's prompt dropout (its own stream: p = 0 draws none); a resume restores both
     rng, drop_rng = random.Random(cfg.seed), random.Random(cfg.seed + 2000)

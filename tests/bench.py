@@ -372,7 +372,7 @@ def warmup_row(cfg, dev, batch, repeats):
     start = reset_peak(dev)
     m = tiny_model(cfg, dev).train()
     mix = data.warmup_mix(batch, seed=0, ratio=(cfg.interleaved_ratio, 1.0, 1.0), image_size=cfg.image_size)
-    answers = [m.encode_answer(e.answer) for e in mix]
+    answers = m.encode_answers([e.answer for e in mix])
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.0)
     rng = random.Random(0)
 

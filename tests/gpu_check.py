@@ -72,7 +72,7 @@ def run(name, dev, steps, fsdp):
     mix = data.make_examples("story", 4, "warmup", seed=0, image_size=size) + data.make_examples("t2i", 4, "warmup", seed=0, image_size=size)
     prompts = data.make_examples("continuation", 1, "rl", seed=0, image_size=size) + data.make_examples("story", 1, "rl", seed=0, image_size=size)
 
-    answers = [policy.encode_answer(e.answer) for e in mix]
+    answers = policy.encode_answers([e.answer for e in mix])
 
     rng = random.Random(0)
 

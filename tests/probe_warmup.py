@@ -86,7 +86,7 @@ def main():
         add_position_embedding(model)
     mix = (data.make_examples("t2i", cfg.n_understanding, "warmup", seed=a.seed) if a.tasks == "t2i"
            else data.warmup_mix(cfg.n_understanding, seed=a.seed, ratio=(cfg.interleaved_ratio, 1.0, 1.0)))
-    answers = [model.encode_answer(e.answer) for e in mix]
+    answers = model.encode_answers([e.answer for e in mix])
     held_out = data.make_examples("t2i", 128, "eval", seed=0)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=a.lr, weight_decay=0.0)
     rng, t0 = random.Random(a.seed), time.time()

@@ -129,7 +129,7 @@ def test_generated_grid_is_the_vq_grid(tiny, tmp_path):
     codes = tiny.vq_encode([img])
     assert codes.shape[1] == tiny.n_image_tokens
     assert tiny.vq_decode(codes)[0].size == (tiny.image_size, tiny.image_size)
-    answer_ids, is_image, _ = tiny.encode_answer([("image", img)])
+    (answer_ids, is_image, _), = tiny.encode_answers([[("image", img)]])
     assert sum(is_image) == tiny.n_image_tokens
     tiny.janus.save_pretrained(tmp_path); tiny.tokenizer.save_pretrained(tmp_path)
     assert unigrpo.load_model(str(tmp_path), "cpu").n_image_tokens == tiny.n_image_tokens  # and after a reload
