@@ -50,6 +50,19 @@ def test_sampler_logprobs_equal_teacher_forced(boi_biased, temperature, cfg_scal
         assert torch.equal(unguided[txt], logp[txt])
 
 
+def test_image_paths_start_at_fan_in_init(tiny):
+    """tiny_janus re-initialises the image paths (data.fan_in_init): at HF's N(0, 0.02) a drawn image's tokens
+    entered the trunk ~200x fainter than words, and the warm-up learnt images late or never (README)."""
+    rms = lambda x: x.pow(2).mean().sqrt()
+    with torch.no_grad():
+        words = rms(tiny.janus.get_input_embeddings()(torch.arange(20)))
+        codes = rms(tiny.janus.prepare_embeddings_for_image_generation(torch.arange(9)[None]))
+    assert codes > words
+    for layer in (tiny.janus.model.aligner.fc1, tiny.janus.model.generation_head.vision_head):
+        w, bound = layer.weight, 1 / layer.weight.shape[1] ** 0.5  # Linear's default: uniform(-bound, bound)
+        assert w.abs().max() <= bound and w.std() > 0.8 * bound / 3 ** 0.5
+
+
 def test_begin_of_image_hidden_state_predicts_image_token_0(tiny):
     ex = data.make_examples("story", 1, "rl", seed=0)[0]
     b = make_batch(tiny, [ex])
