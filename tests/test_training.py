@@ -23,8 +23,8 @@ def _cfg(tmp_path, *args):
 
 
 def test_grpo_step_raises_a_reward_on_both_modalities(tiny):
-    """The GRPO machinery climbs a reward that asks for a word in the text and low codes in the images
-    (a sign error anywhere in ratio, advantage or loss would make it fall)."""
+    """The GRPO machinery climbs a reward that asks for a word in the text and low codes (the codebook's lower
+    half) in the images (a sign error anywhere in ratio, advantage or loss would make it fall)."""
     import copy
     torch.manual_seed(0)
     policy = copy.deepcopy(tiny)
@@ -34,12 +34,13 @@ def test_grpo_step_raises_a_reward_on_both_modalities(tiny):
                               "--process_reward=false"])
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
     examples = data.make_examples("story", 4, "rl", seed=0)
+    low = policy.janus.config.vq_config.num_embeddings // 2  # the lower half of the codebook
 
     def score(ro, group):
         live = ro.mask.bool()
         txt, img = live & ~ro.is_image, live & ro.is_image
         r_text = ((ro.ids == red) & txt).sum(1) / txt.sum(1).clamp(min=1)
-        r_img = ((ro.ids < 32) & img).sum(1) / img.sum(1).clamp(min=1)
+        r_img = ((ro.ids < low) & img).sum(1) / img.sum(1).clamp(min=1)
         return {"reward": r_text + r_img, "text": r_text, "visual": r_img}
 
     hist = [unigrpo.grpo_step(policy, None, opt, examples, score, cfg) for _ in range(25)]
