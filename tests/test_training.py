@@ -370,6 +370,8 @@ def test_micro_batches_give_the_update_of_one_batch(tiny):
             out.append((m, {k: v.detach().clone() for k, v in policy.named_parameters()}))
         (m1, w1), (m3, w3) = out
         assert m1["loss"] == pytest.approx(m3["loss"], abs=1e-5) and m1["kl"] == pytest.approx(m3["kl"], abs=1e-6)
-        assert max((w1[k] - w3[k]).abs().max().item() for k in w1) < 1e-5, loss_type
+        # Adam divides by sqrt(v): the sums' rounding (other order in micro-batches) reaches the weights at up to
+        # ~2.5e-5 (measured, fan-in image paths) of a 2e-3 move
+        assert max((w1[k] - w3[k]).abs().max().item() for k in w1) < 5e-5, loss_type
         w0 = dict(tiny.named_parameters())
         assert max((w1[k] - w0[k]).abs().max().item() for k in w1) > 1e-4  # the step did move the weights
