@@ -42,8 +42,7 @@ import unigrpo
 # -----------------------------------------------------------------------------
 # The toy evaluation: every stage checkpoint on the same held-out prompts, scored by the oracle
 
-EVAL_COLUMNS = ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "text", "visual", "images",
-                "understanding_acc", "t2i_acc")
+EVAL_COLUMNS = unigrpo.EVAL_METRICS
 
 
 def evaluate_checkpoint(path, cfg, n=None, critic_scorer=None, seed=0):
@@ -146,7 +145,7 @@ ABLATIONS = {row.key: row for row in (
 )}
 FULL_METHOD = dict(use_format_reward=True, use_text_reward=True, use_visual_reward=True, process_reward=True,
                    group_size=4)
-ABLATION_COLUMNS = ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "understanding_acc", "t2i_acc")
+ABLATION_COLUMNS = unigrpo.HEADLINE_METRICS
 NOT_SETTINGS = ("out_dir", "stage", "dry_run", "log_interval", "ckpt_interval", "storyboard_interval")  # no effect
 
 

@@ -1190,10 +1190,11 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_beta=
               n_tokens=None):
     """The unified clipped objective, over text and image tokens of one trajectory alike:
     J = mean_i 1/|o_i| sum_t [min(r A, clip(r, 1-eps, 1+eps) A) - beta KL_t]; returns -J and stats.
-    n_tokens: the token-level denominator (default mask.sum(); under DDP the global count / world size)."""
+    ref_logp None (no reference model): no KL term. n_tokens: the token-level denominator (default mask.sum();
+    under DDP the global count / world size)."""
     ratio = torch.exp(logp - old_logp)
     surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages)
-    kl = k3_kl(logp, ref_logp) if kl_beta > 0 else torch.zeros_like(logp)
+    kl = k3_kl(logp, ref_logp) if kl_beta > 0 and ref_logp is not None else torch.zeros_like(logp)
     per_token = surrogate - kl_beta * kl
     if loss_type == "sequence":  # the paper: average over each trajectory's tokens, then over trajectories
         J = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
@@ -1507,8 +1508,8 @@ def policy_update(policy, opt, parts, adv, ref_logp, n_tokens, B, cfg):
                 logp, ent = sequence_logprobs(policy, sub, cfg.temperature, epoch == 0, cfg.cfg_scale)
             if epoch == 0:  # pi_old: this forward of the policy that sampled, not the KV-cache decode's (bf16 differs)
                 old_logp[k] = logp.detach()
-            part_loss, part_st = grpo_loss(logp, old_logp[k], ref_logp[k] if ref_logp is not None else logp.detach(),
-                                           adv[rows, :T], mask, cfg.clip_eps, cfg.kl_beta, cfg.loss_type, n_tokens)
+            part_loss, part_st = grpo_loss(logp, old_logp[k], ref_logp[k] if ref_logp else None, adv[rows, :T], mask,
+                                           cfg.clip_eps, cfg.kl_beta, cfg.loss_type, n_tokens)
             if cfg.loss_type == "sequence":  # the mean over rows, in parts: each part by its share of the rows
                 part_loss = part_loss * len(sub.ids) / B
             part_loss.backward()
@@ -1538,6 +1539,11 @@ def iteration_metrics(ro, sc, G, update, times):
                "completions/mean_image_tokens": (m & ro.is_image).sum(1).float().mean().item(), **times}
     n = m.sum().item()
     return mean_over_ranks(metrics, {"kl": n, "clip_ratio": n, "entropy": n})
+
+
+EVAL_METRICS = ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "text", "visual", "images",
+                "understanding_acc", "t2i_acc")  # what evaluate() reports (each family's oracle_step too)
+HEADLINE_METRICS = ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "understanding_acc", "t2i_acc")
 
 
 @torch.no_grad()
@@ -1574,9 +1580,7 @@ def evaluate(model, critic, scorer, cfg, n, seed=0):
                 rows.append(dict(task=e.task, **oracle, format=float(sc["format"][j]), text=float(sc["text"][j]),
                                  visual=float(sc["visual"][j]), reward=float(sc["reward"][j]),
                                  images=sum(k == "image" for k, _ in segs)))
-    keys = ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "text", "visual", "images",
-            "understanding_acc", "t2i_acc")
-    out = {**{k: [r[k] for r in rows if k in r] for k in keys},
+    out = {**{k: [r[k] for r in rows if k in r] for k in EVAL_METRICS},
            **{f"oracle_step/{t}": [r["oracle_step"] for r in rows if r["task"] == t and "oracle_step" in r]
               for t in data.INTERLEAVED}}
     return {k: sum(v) / len(v) for k, v in out.items() if v}
@@ -1604,8 +1608,7 @@ def print_before_after(cfg, after, evaluate_warmup):
     rows = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "metrics.jsonl"))]
     before = next((r for r in rows if r.get("stage") == "grpo" and r["iter"] == 0 and "eval/oracle_step" in r), None)
     before = {k[5:]: v for k, v in before.items() if k.startswith("eval/")} if before else evaluate_warmup()
-    cols = ("oracle_step", "oracle_text", "oracle_image", "format", "reward", "understanding_acc", "t2i_acc")
-    cols = [c for c in cols if c in before and c in after]  # real prompts (--eval_data) have no oracle columns
+    cols = [c for c in HEADLINE_METRICS if c in before and c in after]  # --eval_data prompts have no oracle
     print(f"\nheld-out prompts ({cfg.run_eval_prompts} interleaved, {cfg.run_eval_prompts} understanding, "
           f"{cfg.run_eval_prompts} text-to-image; one sample each, temperature {cfg.temperature}):")
     print(f"{'':8}" + "".join(f"{c:>18}" for c in cols))
