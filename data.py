@@ -26,8 +26,12 @@ exactly. The world:
 - Every prompt has a stable split (warmup / rl / eval) from a hash of the trajectory its states lie
   on (`trajectory_key`), so no held-out answer is ever part of a training answer or prompt.
 
+Imperfect demonstrations: in the warm-up mix a share of the interleaved answer steps (`stall`) repeats the
+state before it, as automatically assembled interleaved data repeats frames (`stall_steps`). The prompts, the
+other splits and the oracle never change.
+
 Image tokenizer: a tiny Janus VQ-VAE (transformers' JanusVQVAE) trained here on rendered scenes.
-With the defaults (48 px, 8 px patches) an image is 6x6 = 36 tokens, 2x2 per grid cell.
+With the defaults (48 px, 16 px patches) an image is 3x3 = 9 tokens, one per grid cell.
 
 Real data (the full-scale warm-up) comes as JSONL, one JSON object per line:
     {"task": "interleaved",
@@ -58,7 +62,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
@@ -454,27 +458,56 @@ def _split_params(task: str, split: str) -> list:
     return [p for p in all_params(task) if _split_of_key(trajectory_key(task, p)) == split]
 
 
-def make_examples(task: str, n: int, split: str, seed: int, image_size: int = 48) -> list:
-    """n examples of one task from one split. Sampled without replacement; only when the split
+def sample_params(task: str, n: int, split: str, seed: int) -> list:
+    """n parameter tuples of one task from one split. Sampled without replacement; only when the split
     has fewer than n prompts does a new pass over them start (so prompts then repeat)."""
     pool, rng, chosen = _split_params(task, split), random.Random(seed), []
     if not pool and n > 0:
         raise ValueError(f"no {task} prompts in split {split!r}")
     while len(chosen) < n:
         chosen += rng.sample(pool, min(n - len(chosen), len(pool)))
-    return [BUILDERS[task](*p, image_size=image_size) for p in chosen]
+    return chosen
 
 
-def warmup_mix(n_understanding: int, seed: int, ratio=(0.3, 1.0, 1.0), image_size: int = 48) -> list:
+def make_examples(task: str, n: int, split: str, seed: int, image_size: int = 48) -> list:
+    """n examples of one task from one split (see sample_params)."""
+    return [BUILDERS[task](*p, image_size=image_size) for p in sample_params(task, n, split, seed)]
+
+
+def state_before(task: str, params):
+    """The state an interleaved answer starts from: the prompt's scene, or a continuation's last given step."""
+    if task == "continuation":
+        s0, mover, direction, k, _ = params
+        return story_states(s0, mover, direction, k)[-1]
+    return params[0]
+
+
+def stall_steps(example: Example, before, p: float, rng: random.Random, image_size: int = 48) -> Example:
+    """An imperfect demonstration: each answer step, with probability p, repeats the state before it (the
+    sentence and picture of the previous step, or of the prompt's scene) instead of showing the change.
+    `states` and `ref_texts` follow what the demonstration shows."""
+    shown = [prev if rng.random() < p else s for prev, s in zip([before, *example.states[:-1]], example.states)]
+    return replace(example, answer=_steps(shown, image_size), states=shown, ref_texts=[describe(s) for s in shown])
+
+
+def warmup_mix(n_understanding: int, seed: int, ratio=(0.3, 1.0, 1.0), image_size: int = 48,
+               stall: float = 0.0) -> list:
     """The warm-up set at the paper's ratio interleaved : understanding : t2i (0.3M : 1M : 1M).
     Interleaved data is deliberately scarce, as in the paper: GRPO must add what it lacks.
-    The interleaved share is split in equal thirds over story, howto and continuation."""
+    The interleaved share is split in equal thirds over story, howto and continuation.
+    stall: the share of interleaved answer steps that repeat the state before them (stall_steps), as scraped
+    interleaved data has near-duplicate frames; understanding and text-to-image stay clean."""
     n_inter = round(n_understanding * ratio[0] / ratio[1])
     n_t2i = round(n_understanding * ratio[2] / ratio[1])
     counts = {t: n_inter // 3 + (i < n_inter % 3) for i, t in enumerate(INTERLEAVED)}
     counts.update(understanding=n_understanding, t2i=n_t2i)
-    examples = [ex for i, (task, n) in enumerate(counts.items())
-                for ex in make_examples(task, n, "warmup", seed * len(TASKS) + i, image_size)]
+    noise, examples = random.Random(f"stall|{seed}"), []
+    for i, (task, n) in enumerate(counts.items()):
+        for params in sample_params(task, n, "warmup", seed * len(TASKS) + i):
+            ex = BUILDERS[task](*params, image_size=image_size)
+            if stall > 0 and task in INTERLEAVED:
+                ex = stall_steps(ex, state_before(task, params), stall, noise, image_size)
+            examples.append(ex)
     random.Random(seed).shuffle(examples)
     return examples
 

@@ -74,6 +74,7 @@ warmup_lr = 5e-4          # much higher and it learns which objects a sentence n
 warmup_rise = 50          # warm-up schedule: linear rise over this many iterations, then cosine decay to 0
 n_understanding = 2000    # mix size; interleaved : understanding : t2i = interleaved_ratio : 1 : 1
 interleaved_ratio = 0.3   # the paper's 0.3M : 1M : 1M, kept small on purpose so GRPO has work to do
+warmup_stall = 0.3        # toy world: share of interleaved warm-up steps that repeat the state before (README)
 cfg_dropout = 0.0         # warm-up: prob. of training an example as CFG's unconditional branch (Janus: 0.1)
 warmup_data = ""          # a JSONL file of real warm-up data (see data.py); "" = toy world mix
 rl_data = ""              # a JSONL file of GRPO prompts (see data.py); "" = toy world prompts
@@ -85,7 +86,7 @@ max_new_tokens = 200      # per trajectory (text + image + forced end-of-image t
 max_text_tokens = 32      # per text segment; a longer segment stops the row (runaway text)
 max_images = 4            # a row that opens one image more stops (runaway images)
 # GRPO (stage 2)
-grpo_iters = 12
+grpo_iters = 24
 prompts_per_step = 64     # prompts per iteration (x G rollouts): smaller batches gave gradients mostly noise (README)
 rl_tasks = "story,howto,continuation,understanding"  # GRPO's prompt families (RL split); understanding's
                           # share keeps GRPO from unlearning it (README)
@@ -106,7 +107,7 @@ visual_scorer = "clip"    # clip (tiny CLIP trained here) | clip_weak (1/10 the 
 text_critic = "toy"       # toy | a HF id / folder of a VLM critic (full scale)
 # eval
 eval_prompts = 256        # eval.py: held-out prompts per evaluation (fewer: seed-to-seed noise hides the changes)
-eval_interval = 4         # GRPO iterations between held-out evaluations (eval/* rows in metrics.jsonl); 0 = off
+eval_interval = 6         # GRPO iterations between held-out evaluations (eval/* rows in metrics.jsonl); 0 = off
 run_eval_prompts = 96     # held-out prompts per such evaluation and for the before/after table at the end of GRPO
 # system
 dtype = "float32"         # float32 | bfloat16: bf16 autocast (GPU); trained weights and AdamW stay float32
@@ -676,7 +677,7 @@ RESUME_FREE = {"out_dir", "stage", "dry_run", "preset", "log_interval", "ckpt_in
 RESUME_NOTED = {"lr", "warmup_lr", "grpo_iters", "warmup_iters"}  # accepted with a note: they apply from here on
 # shaped the prepared world and the warm-up, done by the time GRPO resumes
 ONLY_BEFORE_GRPO = {"model", "vq_steps", "clip_steps", "warmup_iters", "warmup_batch_size", "warmup_lr", "warmup_rise",
-                    "n_understanding", "interleaved_ratio", "warmup_data", "cfg_dropout"}
+                    "n_understanding", "interleaved_ratio", "warmup_data", "cfg_dropout", "warmup_stall"}
 ONLY_GRPO = {"temperature", "cfg_scale", "max_new_tokens", "max_text_tokens", "max_images", "grpo_iters",
              "prompts_per_step", "group_size", "lr", "inner_epochs", "clip_eps", "kl_beta", "loss_type",
              "use_format_reward", "use_text_reward", "use_visual_reward", "process_reward", "scale_rewards",
@@ -1280,7 +1281,8 @@ def warmup_examples(cfg):
     """The warm-up mix: the records of --warmup_data (a bad line fails naming file and line) or the toy world's."""
     if not cfg.warmup_data:
         ratio = (cfg.interleaved_ratio, 1.0, 1.0)
-        return data.warmup_mix(cfg.n_understanding, seed=cfg.seed, ratio=ratio, image_size=cfg.image_size)
+        return data.warmup_mix(cfg.n_understanding, seed=cfg.seed, ratio=ratio, image_size=cfg.image_size,
+                               stall=cfg.warmup_stall)
     try:
         return data.load_jsonl(cfg.warmup_data)
     except ValueError as err:
@@ -1692,6 +1694,7 @@ RANGES = dict(  # every numeric key: a bad value fails here, not minutes later a
     micro_batch=_GE1, clip_eps=_POS, kl_beta=(lambda v: v >= 0, "at least 0 (0 = no KL term)"), grad_clip=_POS,
     eval_prompts=_GE1, eval_interval=(lambda v: v >= 0, "at least 0 (0 = no held-out evaluation during GRPO)"),
     run_eval_prompts=_GE1, warmup_rise=_GE0, cfg_dropout=(lambda v: 0 <= v < 1, "in [0, 1)"),
+    warmup_stall=(lambda v: 0 <= v < 0.5, "in [0, 0.5): at 0.5 or more a stalled step is what the demos show most"),
     cpu_threads=(lambda v: v >= 0, "at least 0 (0 = torch's default)"))
 CHOICES = dict(stage=("prepare", "warmup", "grpo"), loss_type=("sequence", "token"), dtype=("float32", "bfloat16"),
                scale_rewards=("group", "batch"))

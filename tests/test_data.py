@@ -327,6 +327,35 @@ def test_warmup_mix_ratio():
     count = {t: sum(ex.task == t for ex in data.warmup_mix(20, seed=1, ratio=(1.0, 1.0, 0.5))) for t in data.TASKS}
     assert count == {"story": 7, "howto": 7, "continuation": 6, "understanding": 20, "t2i": 10}
 
+
+def test_warmup_mix_stalled_steps_repeat_the_state_before():
+    clean, noisy = data.warmup_mix(600, seed=2), data.warmup_mix(600, seed=2, stall=0.3)
+    assert [(ex.key, ex.prompt[0][1]) for ex in clean] == [(ex.key, ex.prompt[0][1]) for ex in noisy]
+    stalled = steps = 0
+    for c, n in zip(clean, noisy):
+        if c.task not in data.INTERLEAVED:  # understanding and text-to-image stay clean
+            assert n.states == c.states and _texts(n) == _texts(c)
+            continue
+        for i, (truth, shown) in enumerate(zip(c.states, n.states)):
+            steps += 1
+            if shown != truth:  # a stalled step shows the true state before it, never anything else
+                stalled += 1
+                assert shown == (c.states[i - 1] if i else data.state_before(c.task, _params_of(c)))
+        images = [x for k, x in n.answer if k == "image"]
+        assert _texts(n) == n.ref_texts == [data.describe(s) for s in n.states]  # the answer shows what states say
+        assert [data.parse_image(im) for im in images] == n.states
+    assert steps > 300 and 0.22 < stalled / steps < 0.38  # binomial(>300, 0.3): 4 sd is about 0.1
+    assert data.warmup_mix(600, seed=2, stall=0.3)[0].states == noisy[0].states  # deterministic
+
+
+def _texts(example):
+    return [x for k, x in example.answer if k == "text"]
+
+
+def _params_of(example):
+    """The parameter tuple an interleaved example was built from (its key, found among all prompts of its task)."""
+    return next(p for p in data.all_params(example.task) if data._key(example.task, *p) == example.key)
+
 # -----------------------------------------------------------------------------
 # text tokenizer
 

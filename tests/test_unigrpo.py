@@ -257,7 +257,7 @@ BAD_VALUES = [  # one per config key, and per kind of check: the flag, and a wor
     ("warmup_iters", 0), ("warmup_batch_size", 0), ("warmup_lr", 0.0), ("n_understanding", 0), ("interleaved_ratio", -0.5),
     ("cfg_scale", -1.0), ("max_text_tokens", 0), ("max_images", -1), ("grpo_iters", 0), ("clip_eps", 0.0), ("kl_beta", -0.1),
     ("grad_clip", 0.0), ("eval_prompts", 0), ("cpu_threads", -1), ("warmup_rise", -1), ("cfg_dropout", 1.0),
-    ("eval_interval", -1), ("run_eval_prompts", 0)]]
+    ("eval_interval", -1), ("run_eval_prompts", 0), ("warmup_stall", 0.5), ("warmup_stall", -0.1)]]
 
 
 @pytest.mark.parametrize("args, needle", BAD_VALUES)
