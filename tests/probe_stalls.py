@@ -28,7 +28,8 @@ def main():
     for name in ("warmup", "grpo"):
         path = os.path.join(args.out_dir, name)
         if not unigrpo.is_checkpoint(path):
-            raise SystemExit(f"error: no checkpoint in {path}; run python unigrpo.py --stage grpo --out_dir {args.out_dir}")
+            raise SystemExit(f"error: no checkpoint in {path}; "
+                             f"run python unigrpo.py --stage grpo --out_dir {args.out_dir}")
         model = unigrpo.load_model(path, "cpu").eval()
         stalled = right = n = 0
         for task in data.INTERLEAVED:
