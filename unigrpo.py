@@ -959,6 +959,14 @@ def kv_cache(n_layers, capacity):
             self.keys, self.values, self.length = self.k_buf[:, :, :end], self.v_buf[:, :, :end], end
             return self.keys, self.values
 
+        def keep_rows(self, rows):  # the sampler drops finished rows; copies only the filled columns
+            for name in ("k_buf", "v_buf"):
+                buf = getattr(self, name)
+                kept = buf.new_empty((len(rows), *buf.shape[1:]))
+                kept[:, :, :self.length] = buf[rows, :, :self.length]
+                setattr(self, name, kept)
+            self.keys, self.values = self.k_buf[:, :, :self.length], self.v_buf[:, :, :self.length]
+
     return Cache(layers=[BufferLayer() for _ in range(n_layers)])
 
 
@@ -991,39 +999,46 @@ def _sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max
     h = model.trunk(model.embed(prompt_ids, no_image), prompt_mask, pos, cache,
                     _stack_context(context, dev), prompt_ids == model.image_id)[:, -1]
     next_pos = pos[:, -1] + 1
-    # per-row state
+    # per-row state, for the rows still writing: a finished row leaves the batch (and the KV cache) once a quarter
+    # of the batch has finished, so its tokens cost nothing (GRPO's rows end at very different lengths)
+    live = torch.arange(B, device=dev)  # the rollout row of each batch row
     zeros = lambda dtype: torch.zeros(B, dtype=dtype, device=dev)
     img_left = zeros(torch.long)   # image codes still to sample (image mode if > 0)
     force_eoi = zeros(torch.bool)  # the grid is full: the next token is <end_of_image>
     n_images, segment = zeros(torch.long), zeros(torch.long)
     seg_len = zeros(torch.long)    # tokens in the current text segment
     done, ended = zeros(torch.bool), zeros(torch.bool)  # ended: with EOS, inside the limits
+    last_segment = zeros(torch.long)  # every rollout row's segment: a finished row's padding keeps its last one
     out = {k: [] for k in ("ids", "is_image", "segment", "logp", "mask")}
     V = max(model.janus.config.text_config.vocab_size, model.janus.config.vq_config.num_embeddings)
     gens = generator if isinstance(generator, (list, tuple)) else [generator]
     for i in range(max_new_tokens):
-        # Gumbel-max: argmax(log p + g) is a draw from p. g is drawn for every row at every position, so a row's
-        # stream does not depend on the other rows' modes or lengths
-        u = torch.cat([torch.rand(B // len(gens), V, generator=g, device=dev) for g in gens])
+        # Gumbel-max: argmax(log p + g) is a draw from p. g is drawn for every rollout row at every position, so a
+        # row's stream does not depend on the other rows' modes or lengths
+        u = torch.cat([torch.rand(B // len(gens), V, generator=g, device=dev) for g in gens])[live]
         gumbel = -torch.log(-torch.log(u))
+        b = len(live)
         in_image = (img_left > 0) & ~done
         in_text = ~in_image & ~force_eoi & ~done
-        tok = torch.full((B,), model.pad_id, dtype=torch.long, device=dev)
-        lp = torch.zeros(B, device=dev)
+        tok = torch.full((b,), model.pad_id, dtype=torch.long, device=dev)
+        lp = torch.zeros(b, device=dev)
         for rows, image in ((in_text, False), (in_image, True)):
             if rows.any():  # each head only on the rows in its mode
-                h_uncond = h[B:][rows] if guided else None
-                logp_all = head_logprobs(model, h[:B][rows], image, temperature, h_uncond, cfg_scale)
+                h_uncond = h[b:][rows] if guided else None
+                logp_all = head_logprobs(model, h[:b][rows], image, temperature, h_uncond, cfg_scale)
                 t = (logp_all + gumbel[rows, :logp_all.shape[-1]]).argmax(-1)
                 tok[rows], lp[rows] = t, logp_all.gather(-1, t[:, None]).squeeze(-1)
         tok = torch.where(force_eoi & ~done, model.eoi_id, tok)
-        for k, v in zip(out, (tok, in_image, segment, lp, (in_text | in_image).float())):
+        last_segment[live] = segment
+        full = lambda v, pad: v if b == B else v.new_full((B,), pad).index_copy_(0, live, v)  # + the finished rows
+        for k, v in zip(out, (full(tok, model.pad_id), full(in_image, False), last_segment.clone(), full(lp, 0.0),
+                              full((in_text | in_image).float(), 0.0))):
             out[k].append(v)  # a token's segment is the one it belongs to: <boi> and <eoi> close the text / image
         opens, ends = in_text & (tok == model.boi_id), in_text & (tok == model.eos_id)
         seg_len = torch.where(in_text, seg_len + 1, seg_len)
         too_many = opens & (n_images >= max_images)
         runaway = in_text & ~opens & ~ends & (seg_len >= max_text_tokens)
-        ended |= ends
+        ended[live] |= ends
         done = done | ends | too_many | runaway
         # mode changes: <boi> -> image mode, a new segment; full grid -> force <eoi>; <eoi> -> text, a new segment
         start, closing = opens & ~done, force_eoi & ~done
@@ -1035,8 +1050,17 @@ def _sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max
         if done.all() or i + 1 == max_new_tokens:  # no forward for a token that will not be sampled
             break
         tok_in, img_in = tok, in_image
+        if 4 * done.sum() >= b:  # drop the finished rows
+            keep = (~done).nonzero().squeeze(1)
+            both = torch.cat([keep, keep + b]) if guided else keep
+            for layer in cache.layers:
+                layer.keep_rows(both)
+            live, attn, next_pos = live[keep], attn[both], next_pos[both]
+            tok_in, img_in = tok[keep], in_image[keep]
+            img_left, force_eoi, n_images, segment, seg_len, done = (
+                t[keep] for t in (img_left, force_eoi, n_images, segment, seg_len, done))
         if guided:
-            tok_in, img_in = torch.cat([tok, unconditional_ids(model, tok, in_image)]), in_image.repeat(2)
+            tok_in, img_in = torch.cat([tok_in, unconditional_ids(model, tok_in, img_in)]), img_in.repeat(2)
         # a ready 4D mask: transformers would rebuild it from the 2D one at every position
         mask = attn[:, None, None, :P + i + 1]
         h = model.trunk(model.embed(tok_in[:, None], img_in[:, None]), mask, next_pos[:, None], cache)[:, -1]

@@ -101,6 +101,39 @@ def test_rows_switch_modality_independently_and_images_are_whole(boi_biased):
             t += 1
 
 
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_finished_rows_leave_the_batch_and_change_no_draw(tiny, cfg_scale):
+    """Rows that end early are dropped from the decode batch and the KV cache; every rollout is still what its group,
+    sampled alone with its own generator, gives."""
+    prompts, G = _prompts(), 2
+    group = [p for p in prompts for _ in range(G)]
+    gens = lambda: [torch.Generator().manual_seed(10 + k) for k in range(len(prompts))]
+    sizes, trunk = [], type(tiny).trunk
+
+    def counting(self, embeds, *a, **kw):
+        sizes.append(len(embeds))
+        return trunk(self, embeds, *a, **kw)
+    try:
+        bias_text_logits(tiny, boi_id=1.5, eos_id=2.0)  # images in some rows, early EOS in others
+        tiny.trunk = counting.__get__(tiny)
+        ro = sample_interleaved(tiny, group, max_new_tokens=40, generator=gens(), cfg_scale=cfg_scale)
+        alone = [sample_interleaved(tiny, group[k * G:(k + 1) * G], max_new_tokens=40, generator=[g],
+                                    cfg_scale=cfg_scale) for k, g in enumerate(gens())]
+    finally:
+        del tiny.text_logits, tiny.trunk
+    twins = 2 if cfg_scale != 1 else 1
+    lengths = ro.mask.sum(1)
+    assert lengths.min() < lengths.max() / 2 and (ro.is_image & ro.mask.bool()).any()
+    assert sizes[0] == twins * len(group) and min(sizes) < twins * len(group), "finished rows left the batch"
+    for k, a in enumerate(alone):
+        rows, T = slice(k * G, (k + 1) * G), a.ids.shape[1]
+        for name in ("ids", "is_image", "segment", "mask"):
+            assert torch.equal(getattr(ro, name)[rows, :T], getattr(a, name)), name
+        assert not ro.mask[rows, T:].any()
+        torch.testing.assert_close(ro.logp[rows, :T], a.logp, atol=1e-5, rtol=0)
+        assert torch.equal(ro.finished[rows], a.finished)
+
+
 def test_limits_stop_runaway_rows(tiny):
     try:
         bias_text_logits(tiny, boi_id=-1e4, eos_id=-1e4)  # never close a text segment
