@@ -182,8 +182,10 @@ class UnifiedModel(torch.nn.Module):
     def encode_answers(self, answers, batch=256):
         """Target segment lists -> per answer (ids, is_image, trainable), images as VQ codes (encoded `batch` at a
         time); <end_of_image> is forced by the sampler after a full grid, so it is not a trained prediction."""
-        images = [x for segments in answers for k, x in segments if k == "image"]
-        codes = iter([c.tolist() for i in range(0, len(images), batch) for c in self.vq_encode(images[i:i + batch])])
+        key = lambda im: (im.mode, im.size, im.tobytes())  # a scene recurs across a mix: each is encoded once
+        unique = list({key(x): x for segments in answers for k, x in segments if k == "image"}.values())
+        codes = [c.tolist() for i in range(0, len(unique), batch) for c in self.vq_encode(unique[i:i + batch])]
+        codes = dict(zip(map(key, unique), codes))
         out = []
         for segments in answers:
             ids, is_image, train = [], [], []
@@ -192,7 +194,7 @@ class UnifiedModel(torch.nn.Module):
                     t = self.tokenizer(x, add_special_tokens=False).input_ids
                     ids, is_image, train = ids + t, is_image + [False] * len(t), train + [True] * len(t)
                 else:
-                    c = next(codes)
+                    c = codes[key(x)]
                     ids += [self.boi_id] + c + [self.eoi_id]
                     is_image += [False] + [True] * len(c) + [False]
                     train += [True] * (len(c) + 1) + [False]
