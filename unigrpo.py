@@ -86,7 +86,7 @@ max_new_tokens = 200      # per trajectory (text + image + forced end-of-image t
 max_text_tokens = 32      # per text segment; a longer segment stops the row (runaway text)
 max_images = 4            # a row that opens one image more stops (runaway images)
 # GRPO (stage 2)
-grpo_iters = 24
+grpo_iters = 36
 prompts_per_step = 64     # prompts per iteration (x G rollouts): smaller batches gave gradients mostly noise (README)
 rl_tasks = "story,howto,continuation,understanding"  # GRPO's prompt families (RL split); understanding's
                           # share keeps GRPO from unlearning it (README)
@@ -1465,6 +1465,7 @@ def grpo(cfg, log):
             save_checkpoint(policy, ckpt, trainer_state(opt, it + 1, cfg, (rng,), policy))
         if (it + 1) % cfg.storyboard_interval == 0 or it + 1 == cfg.grpo_iters:
             write_storyboard(policy, cfg, "grpo", it + 1)
+        release_memory()  # each iteration's rollouts differ in shape: the freed heap fragments and RSS creeps up
     if cfg.eval_interval and start < cfg.grpo_iters:
         evaluate_warmup = lambda: log_evaluation(load_model(init, dev).eval(), critic, scorer, cfg, log, 0)
         print_before_after(cfg, held_out(cfg.grpo_iters), evaluate_warmup)
@@ -1817,7 +1818,7 @@ def check_data(cfg, todo):
 
 
 def release_memory():
-    """Between stages: glibc keeps freed heap mapped, so a stage would start from the last one's high-water mark."""
+    """Between stages and GRPO iterations: glibc keeps freed heap mapped, so RSS would keep the high-water mark."""
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
