@@ -1011,6 +1011,7 @@ def _sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max
     seg_len = zeros(torch.long)    # tokens in the current text segment
     done, ended = zeros(torch.bool), zeros(torch.bool)  # ended: with EOS, inside the limits
     last_segment = zeros(torch.long)  # every rollout row's segment: a finished row's padding keeps its last one
+    full = lambda v, pad: v if len(live) == B else v.new_full((B,), pad).index_copy_(0, live, v)  # + finished rows
     out = {k: [] for k in ("ids", "is_image", "segment", "logp", "mask")}
     V = max(model.janus.config.text_config.vocab_size, model.janus.config.vq_config.num_embeddings)
     gens = generator if isinstance(generator, (list, tuple)) else [generator]
@@ -1032,7 +1033,6 @@ def _sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max
                 tok[rows], lp[rows] = t, logp_all.gather(-1, t[:, None]).squeeze(-1)
         tok = torch.where(force_eoi & ~done, model.eoi_id, tok)
         last_segment[live] = segment
-        full = lambda v, pad: v if b == B else v.new_full((B,), pad).index_copy_(0, live, v)  # + the finished rows
         for k, v in zip(out, (full(tok, model.pad_id), full(in_image, False), last_segment.clone(), full(lp, 0.0),
                               full((in_text | in_image).float(), 0.0))):
             out[k].append(v)  # a token's segment is the one it belongs to: <boi> and <eoi> close the text / image

@@ -33,8 +33,8 @@ def main():
         model = unigrpo.load_model(path, "cpu").eval()
         stalled = right = n = 0
         for task in data.INTERLEAVED:
-            params = data.sample_params(task, args.prompts, "eval", cfg.seed)
-            examples = [data.BUILDERS[task](*q, image_size=cfg.image_size) for q in params]
+            params = data.sample_params(task, args.prompts, "eval", cfg.seed)  # state_before needs them
+            examples = data.make_examples(task, args.prompts, "eval", cfg.seed, cfg.image_size)
             for i in range(0, len(examples), 32):
                 batch = examples[i:i + 32]
                 gens = [torch.Generator().manual_seed(7 * 1_000_003 + i + j) for j in range(len(batch))]
