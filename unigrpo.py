@@ -263,8 +263,7 @@ def tiny_janus(tokenizer, vq, cfg):
                          f"--image_size {cfg.image_size} --patch_size {cfg.patch_size}")
     janus = JanusForConditionalGeneration(config)
     # the image paths (SigLIP + aligner in, generation embedding + aligner in, generation head out) at PyTorch's
-    # init: at HF's N(0, 0.02) a drawn image's tokens entered the trunk 200x fainter than words (rms 1e-4 vs 2e-2)
-    # and the aligner's two linears shrank the SigLIP's gradient ~20x: images were learnt late or never (README)
+    # init: at HF's N(0, 0.02) images were learnt late or never (README, "The warm-up's init")
     m = janus.model
     data.fan_in_init(m.vision_model, m.aligner)
     m.generation_embeddings.reset_parameters()
@@ -879,8 +878,8 @@ def format_memory(est):
 
 
 @dataclass
-class Rollout:
-    """A batch of (prompt, answer) token records: trajectories the policy sampled (sample_interleaved) or data to
+class Trajectories:
+    """A batch of (prompt, answer) token records: rollouts the policy sampled (sample_interleaved) or data to
     teacher-force (make_batch: segment 0, logp 0, every row finished). Left-padded prompts, right-padded answers;
     per answer token its id, modality, segment (the index of the text segment or image it belongs to, the unit
     of the process reward), the log-prob it was sampled with, and whether it was sampled."""
@@ -895,15 +894,15 @@ class Rollout:
     finished: torch.Tensor        # [B] bool: ended with EOS inside the limits
 
 
-def rollout_rows(ro, rows):
-    """Rows `rows` (a LongTensor of indices) of a Rollout, without the columns that are padding in all of them."""
+def trajectory_rows(ro, rows):
+    """Rows `rows` (a LongTensor of indices) of a batch, without the columns that are padding in all of them."""
     keep = ro.prompt_mask[rows].any(0).nonzero()
     P0 = int(keep[0]) if len(keep) else ro.prompt_mask.shape[1]
     used = ro.mask[rows].any(0).nonzero()
     T = int(used[-1]) + 1 if len(used) else 1
     cut = lambda t: t[rows, :T]
-    return Rollout(ro.prompt_ids[rows, P0:], ro.prompt_mask[rows, P0:], [ro.context[i] for i in rows.tolist()],
-                   cut(ro.ids), cut(ro.is_image), cut(ro.segment), cut(ro.logp), cut(ro.mask), ro.finished[rows])
+    return Trajectories(ro.prompt_ids[rows, P0:], ro.prompt_mask[rows, P0:], [ro.context[i] for i in rows.tolist()],
+                        cut(ro.ids), cut(ro.is_image), cut(ro.segment), cut(ro.logp), cut(ro.mask), ro.finished[rows])
 
 
 def pad_prompts(model, prompts):
@@ -1068,12 +1067,13 @@ def _sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max
         h = model.trunk(model.embed(tok_in[:, None], img_in[:, None]), mask, next_pos[:, None], cache)[:, -1]
         next_pos = next_pos + 1
     st = {k: torch.stack(v, 1) for k, v in out.items()}
-    return Rollout(prompt_ids[:B], prompt_mask[:B], context[:B], **st, finished=ended)
+    return Trajectories(prompt_ids[:B], prompt_mask[:B], context[:B], **st, finished=ended)
 
 
 def decode_rollout(model, ro):
-    """Rollout -> per row (segments, segment index of each): ("text", str), ("image", PIL) for a full grid,
-    ("image", None) for one cut short; an empty text segment is kept only if it opens an image (r_f's business)."""
+    """Sampled trajectories -> per row (segments, segment index of each): ("text", str), ("image", PIL) for a full
+    grid, ("image", None) for one cut short; an empty text segment is kept only if it opens an image (r_f's
+    business)."""
     N, special = model.n_image_tokens, {model.boi_id, model.eoi_id, model.eos_id, model.pad_id}
     rows, grids = [], []
     for b in range(ro.ids.shape[0]):
@@ -1189,8 +1189,8 @@ def group_advantages(rewards, group_size, eps=1e-4, scale="group"):
 def process_advantages(step_rewards, token_segment, group_size, eps=1e-4, scale="group"):
     """DeepSeekMath process supervision, one step per segment: normalise every step reward of the group by the
     mean/std of that collection, then give token t the sum of the normalised rewards of the segments that end at
-    or after t. step_rewards: [B, S], NaN where a row has no such segment; token_segment: [B, T] (Rollout.segment).
-    scale="batch": one std for the batch, as in group_advantages."""
+    or after t. step_rewards: [B, S], NaN where a row has no such segment; token_segment: [B, T]
+    (Trajectories.segment). scale="batch": one std for the batch, as in group_advantages."""
     B, S = step_rewards.shape
     r = step_rewards.view(-1, group_size * S)
     valid = ~torch.isnan(r)
@@ -1240,8 +1240,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_beta=
 
 
 def make_batch(model, examples, answers=None):
-    """Examples -> a teacher-forcing Rollout (prompt left-padded, answer right-padded). `answers` may hold
-    pre-encoded answers (VQ encoding once per data set, not once per iteration)."""
+    """Examples -> a batch of Trajectories to teacher-force (prompt left-padded, answer right-padded). `answers`
+    may hold pre-encoded answers (VQ encoding once per data set, not once per iteration)."""
     prompt_ids, prompt_mask, context = pad_prompts(model, [e.prompt for e in examples])
     enc = answers if answers is not None else model.encode_answers([e.answer for e in examples])
     T = max(len(ids) for ids, _, _ in enc)
@@ -1252,7 +1252,7 @@ def make_batch(model, examples, answers=None):
         ids[i, :len(a)], is_image[i, :len(a)] = torch.tensor(a), torch.tensor(b)
         mask[i, :len(a)] = torch.tensor(c, dtype=torch.float)
     z, ones = torch.zeros_like(ids), torch.ones(len(enc), dtype=torch.bool)
-    return Rollout(prompt_ids, prompt_mask, context, ids, is_image, z, z.float(), mask, ones)
+    return Trajectories(prompt_ids, prompt_mask, context, ids, is_image, z, z.float(), mask, ones)
 
 
 def drop_prompts(model, batch, rows):
@@ -1519,7 +1519,7 @@ def micro_batches(ro, size):
     if len(ro.ids) <= size:
         return [(slice(None), ro)]
     by_length = (ro.prompt_mask.sum(1) + ro.mask.sum(1)).argsort(stable=True)
-    return [(rows, rollout_rows(ro, rows)) for rows in by_length.split(size)]
+    return [(rows, trajectory_rows(ro, rows)) for rows in by_length.split(size)]
 
 
 def policy_update(policy, opt, parts, adv, ref_logp, n_tokens, B, cfg):

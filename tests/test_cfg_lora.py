@@ -12,7 +12,7 @@ import torch
 import data
 import unigrpo
 from conftest import bias_text_logits
-from unigrpo import Rollout, make_batch, sample_interleaved, sequence_logprobs
+from unigrpo import Trajectories, make_batch, sample_interleaved, sequence_logprobs
 
 
 def _continuation(n=2):  # answers of 2 steps: each row has a context image and two answer images
@@ -97,7 +97,7 @@ def test_guided_image_logprobs_match_transformers_image_generate(tiny):
     hf = torch.log_softmax(torch.stack(seen, 1).float(), -1).gather(-1, codes[..., None]).squeeze(-1)
     is_img = torch.cat([torch.zeros_like(boi, dtype=torch.bool), torch.ones(B, N, dtype=torch.bool)], 1)
     z = torch.zeros(B, N + 1, dtype=torch.long)
-    ro = Rollout(ids, mask, [[] for _ in range(B)], torch.cat([boi, codes], 1), is_img, z, z.float(), torch.ones(B, N + 1),
+    ro = Trajectories(ids, mask, [[] for _ in range(B)], torch.cat([boi, codes], 1), is_img, z, z.float(), torch.ones(B, N + 1),
                  torch.ones(B, dtype=torch.bool))
     with torch.no_grad():
         ours = sequence_logprobs(m, ro, cfg_scale=3.0)[0][:, 1:]
