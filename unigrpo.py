@@ -1072,8 +1072,7 @@ def _sample_interleaved(model, prompts, temperature=1.0, max_new_tokens=128, max
 
 def decode_rollout(model, ro):
     """Sampled trajectories -> per row (segments, segment index of each): ("text", str), ("image", PIL) for a full
-    grid, ("image", None) for one cut short; an empty text segment is kept only if it opens an image (r_f's
-    business)."""
+    grid, ("image", None) for one cut short; an empty text segment stays only if it opens an image (for r_f)."""
     N, special = model.n_image_tokens, {model.boi_id, model.eoi_id, model.eos_id, model.pad_id}
     rows, grids = [], []
     for b in range(ro.ids.shape[0]):

@@ -97,8 +97,8 @@ def test_guided_image_logprobs_match_transformers_image_generate(tiny):
     hf = torch.log_softmax(torch.stack(seen, 1).float(), -1).gather(-1, codes[..., None]).squeeze(-1)
     is_img = torch.cat([torch.zeros_like(boi, dtype=torch.bool), torch.ones(B, N, dtype=torch.bool)], 1)
     z = torch.zeros(B, N + 1, dtype=torch.long)
-    ro = Trajectories(ids, mask, [[] for _ in range(B)], torch.cat([boi, codes], 1), is_img, z, z.float(), torch.ones(B, N + 1),
-                 torch.ones(B, dtype=torch.bool))
+    ro = Trajectories(ids, mask, [[] for _ in range(B)], torch.cat([boi, codes], 1), is_img, z, z.float(),
+                      torch.ones(B, N + 1), torch.ones(B, dtype=torch.bool))
     with torch.no_grad():
         ours = sequence_logprobs(m, ro, cfg_scale=3.0)[0][:, 1:]
         unguided = sequence_logprobs(m, ro)[0][:, 1:]
