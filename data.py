@@ -11,7 +11,7 @@ exactly. The world:
 - A tiny grammar says a scene in one sentence and can be parsed back exactly:
       "the red circle is at the top left and the blue square is at the center ."
   Words (and the final ".") are separated by single spaces, so the text tokenizer is word level.
-- `render` draws a scene (48x48 by default, one 16x16 cell per grid square); `parse_image` is the
+- `render` draws a scene (24x24 by default, one 8x8 cell per grid square); `parse_image` is the
   oracle's eye: it reads a scene back from pixels by template matching, cell by cell.
 - Task families mirror the paper's warm-up mix. Interleaved answers are text, image, text, image...
     story          "story : <scene> the red circle moves right . 3 steps ."  one object moves one cell
@@ -31,7 +31,7 @@ state before it, as automatically assembled interleaved data repeats frames (`st
 other splits and the oracle never change.
 
 Image tokenizer: a tiny Janus VQ-VAE (transformers' JanusVQVAE) trained here on rendered scenes.
-With the defaults (48 px, 16 px patches) an image is 3x3 = 9 tokens, one per grid cell.
+With the defaults (24 px, 8 px patches) an image is 3x3 = 9 tokens, one per grid cell.
 
 Real data (the full-scale warm-up) comes as JSONL, one JSON object per line:
     {"task": "interleaved",
@@ -149,6 +149,7 @@ def cell_contents(scene) -> list:
 # -----------------------------------------------------------------------------
 # pixels
 
+IMAGE_SIZE, PATCH_SIZE = 24, 8  # the toy world's default: a 3x3 grid of 8 px cells, one VQ token per cell
 BACKGROUND = (200, 200, 200)  # light grey, so that no palette colour is close to it
 RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (230, 200, 30)}
 
@@ -160,7 +161,7 @@ def _cell_box(cell: int, image_size: int):
     return edge[c], edge[r], edge[c + 1], edge[r + 1]
 
 
-def render(scene, image_size: int = 48) -> Image.Image:
+def render(scene, image_size: int = IMAGE_SIZE) -> Image.Image:
     """Draw a scene: each object filled inside its own cell with a small margin."""
     img = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(img)
@@ -311,7 +312,7 @@ def _mover_words(s0, mover):
     return f"the {s0[mover].colour} {s0[mover].shape} moves"
 
 
-def build_story(s0, mover, direction, n, image_size=48) -> Example:
+def build_story(s0, mover, direction, n, image_size=IMAGE_SIZE) -> Example:
     states = story_states(s0, mover, direction, n)
     text = f"story : {describe(s0)} {_mover_words(s0, mover)} {direction} . {n} steps ."
     return Example("story", [("text", text)], _steps(states, image_size), states,
@@ -319,7 +320,7 @@ def build_story(s0, mover, direction, n, image_size=48) -> Example:
                    trajectory_key("story", (s0, mover, direction, n)))
 
 
-def build_howto(s0, colour, shape, cell, image_size=48) -> Example:
+def build_howto(s0, colour, shape, cell, image_size=IMAGE_SIZE) -> Example:
     states = howto_states(s0, colour, shape, cell)
     n = len(states)  # said in the prompt, as stories say theirs: r_f checks the layout the prompt asks for
     text = f"howto : {describe(s0)} make it a {colour} {shape} at the {CELLS[cell]} . {n} steps ."
@@ -328,7 +329,7 @@ def build_howto(s0, colour, shape, cell, image_size=48) -> Example:
                    trajectory_key("howto", (s0, colour, shape, cell)))
 
 
-def build_continuation(s0, mover, direction, k, k_more, image_size=48) -> Example:
+def build_continuation(s0, mover, direction, k, k_more, image_size=IMAGE_SIZE) -> Example:
     states = story_states(s0, mover, direction, k + k_more)
     given, rest = states[:k], states[k:]
     prompt = [("text", f"continue : {describe(s0)} {_mover_words(s0, mover)} {direction} .")]
@@ -339,13 +340,13 @@ def build_continuation(s0, mover, direction, k, k_more, image_size=48) -> Exampl
                    trajectory_key("continuation", (s0, mover, direction, k, k_more)))
 
 
-def build_understanding(s0, image_size=48) -> Example:
+def build_understanding(s0, image_size=IMAGE_SIZE) -> Example:
     return Example("understanding", [("text", "describe :"), ("image", render(s0, image_size))],
                    [("text", describe(s0))], [s0], [describe(s0)], _key("understanding", s0),
                    trajectory_key("understanding", (s0,)))
 
 
-def build_t2i(s0, image_size=48) -> Example:
+def build_t2i(s0, image_size=IMAGE_SIZE) -> Example:
     return Example("t2i", [("text", "draw : " + describe(s0))], [("image", render(s0, image_size))],
                    [s0], [describe(s0)], _key("t2i", s0), trajectory_key("t2i", (s0,)))
 
@@ -469,7 +470,7 @@ def sample_params(task: str, n: int, split: str, seed: int) -> list:
     return chosen
 
 
-def make_examples(task: str, n: int, split: str, seed: int, image_size: int = 48) -> list:
+def make_examples(task: str, n: int, split: str, seed: int, image_size: int = IMAGE_SIZE) -> list:
     """n examples of one task from one split (see sample_params)."""
     return [BUILDERS[task](*p, image_size=image_size) for p in sample_params(task, n, split, seed)]
 
@@ -482,7 +483,7 @@ def state_before(task: str, params):
     return params[0]
 
 
-def stall_steps(example: Example, before, p: float, rng: random.Random, image_size: int = 48) -> Example:
+def stall_steps(example: Example, before, p: float, rng: random.Random, image_size: int = IMAGE_SIZE) -> Example:
     """An imperfect demonstration: each answer step, with probability p, repeats the state before it (the
     sentence and picture of the previous step, or of the prompt's scene) instead of showing the change.
     `states` and `ref_texts` follow what the demonstration shows."""
@@ -490,7 +491,7 @@ def stall_steps(example: Example, before, p: float, rng: random.Random, image_si
     return replace(example, answer=_steps(shown, image_size), states=shown, ref_texts=[describe(s) for s in shown])
 
 
-def warmup_mix(n_understanding: int, seed: int, ratio=(0.3, 1.0, 1.0), image_size: int = 48,
+def warmup_mix(n_understanding: int, seed: int, ratio=(0.3, 1.0, 1.0), image_size: int = IMAGE_SIZE,
                stall: float = 0.0) -> list:
     """The warm-up set at the paper's ratio interleaved : understanding : t2i (0.3M : 1M : 1M).
     Interleaved data is deliberately scarce, as in the paper: GRPO must add what it lacks.
@@ -544,15 +545,16 @@ def build_text_tokenizer():
 # -----------------------------------------------------------------------------
 # image tokenizer: a tiny Janus VQ-VAE trained on rendered scenes
 
-def make_vq_config(image_size=48, patch_size=16, codebook_size=16, projection_dim=128):
+def make_vq_config(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, codebook_size=16, projection_dim=128):
     """Janus VQ-VAE config: one token per patch_size x patch_size patch. The encoder halves the
     resolution at each level but the last, so log2(patch_size) + 1 levels give that patch size.
     projection_dim must equal the text hidden size (the aligner maps codes into the LM).
 
-    Why patch 16 (a 3x3 grid, one token per scene cell) and 16 codes: a cell holds one of 13 things,
-    and with latent labels (train_vq) each gets one code, so an image is 9 tokens the policy can learn
-    to draw. Patch 8 (6x6, 4 tokens per cell, needs 52 codes) reconstructs a little better (100% vs
-    ~99.7% per cell at 300 steps) but makes every image 4x longer to sample and to learn."""
+    Why one patch per scene cell (a 3x3 grid) and 16 codes: a cell holds one of 13 things, and with
+    latent labels (train_vq) each gets one code, so an image is 9 tokens the policy can learn to draw.
+    Four tokens per cell (a 6x6 grid, 52 codes) reconstruct a little better but make every image 4x
+    longer to sample and to learn. Why 24 px: the VQ trains ~6x faster than at 48 px and still reads
+    back every cell of the world's scenes (README, "Results")."""
     from transformers import JanusVQVAEConfig
 
     levels = int(math.log2(patch_size)) + 1
@@ -564,7 +566,7 @@ def make_vq_config(image_size=48, patch_size=16, codebook_size=16, projection_di
                             image_token_embed_dim=projection_dim, num_hidden_layers=2)
 
 
-def vq_training_images(n: int, seed: int = 0, image_size: int = 48) -> list:
+def vq_training_images(n: int, seed: int = 0, image_size: int = IMAGE_SIZE) -> list:
     """Renders of busy grids (1 to 9 objects, uniformly): not scenes of the world (those have 1-2
     objects), but every image then teaches the tokenizer several objects instead of mostly
     background, which roughly halves the steps it needs."""

@@ -259,8 +259,8 @@ def make_toy_tokenize(tokenizer, context_length):
     return tokenize
 
 
-def toy_clip_config(tokenizer, image_size=48, patch_size=16, embed_dim=64, width=64, layers=2, context_length=32):
-    # patch 16 on 48 px = one patch per grid cell, a good inductive bias for the 3x3 world
+def toy_clip_config(tokenizer, image_size=24, patch_size=8, embed_dim=64, width=64, layers=2, context_length=32):
+    # one patch per grid cell (8 px patches on the toy world's 24 px), a good inductive bias for the 3x3 world
     return dict(embed_dim=embed_dim,
                 vision_cfg=dict(image_size=image_size, patch_size=patch_size, width=width, layers=layers,
                                 head_width=16),  # 4 heads of 16
@@ -276,8 +276,8 @@ def build_toy_clip(config, tokenizer):
                       lambda img: image_to_tensor(img, size), config=config)
 
 
-def train_tiny_clip(images, texts, tokenizer, image_size=48, steps=400, batch_size=128, seed=0,
-                    lr=5e-4, patch_size=16, held_out=0.1, hard_negatives=0.5, progress=False):
+def train_tiny_clip(images, texts, tokenizer, image_size=24, steps=400, batch_size=128, seed=0,
+                    lr=5e-4, patch_size=8, held_out=0.1, hard_negatives=0.5, progress=False):
     """Contrastive (InfoNCE, learnable temperature) training of a tiny open_clip CLIP on
     (rendered scene, description) pairs, with hard negatives in every batch (below). A held-out set
     of *captions never seen in training* gives the retrieval accuracy and the calibration means.

@@ -58,8 +58,8 @@ model = ""                # "" = tiny Janus for the toy world; else an HF id or 
 n_layer = 4               # tiny Janus trunk (toy world only)
 n_embd = 128
 n_head = 4
-image_size = 48           # toy images: 48x48, a 3x3 scene grid
-patch_size = 16           # VQ downsampling: 48/16 = 3x3 = 9 image tokens per image, one per scene cell
+image_size = 24           # toy images: 24x24, a 3x3 scene grid (data.IMAGE_SIZE)
+patch_size = 8            # VQ downsampling: 24/8 = 3x3 = 9 image tokens per image, one per scene cell
 codebook_size = 16        # a cell holds one of 13 things; the toy VQ gives each its own code (data.train_vq)
 lora_rank = 0             # > 0: train LoRA adapters (peft) on the trunk, base frozen (the paper's QLoRA row)
 lora_alpha = 16           # LoRA scale = lora_alpha / lora_rank
@@ -368,7 +368,7 @@ def prepare(cfg):
             scenes = [data.random_scene(rs) for _ in range(4000)]
             scorer, stats = rewards.train_tiny_clip([data.render(s, cfg.image_size) for s in scenes],
                                                     [data.describe(s) for s in scenes], tok, cfg.image_size,
-                                                    steps=steps, seed=cfg.seed)
+                                                    steps=steps, seed=cfg.seed, patch_size=cfg.patch_size)
             print(f"prepare: tiny CLIP ({name}) {json.dumps(stats)}")
             atomic_dir(os.path.join(root, name), lambda d: rewards.save_clip(scorer, d))
 
