@@ -1135,13 +1135,21 @@ def _sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale
     on-policy the ratio is exactly 1. The hidden state at <begin_of_image> predicts image code 0. With CFG the
     gradient flows through both branches: the policy optimised is the guided one that sampled."""
     dev = model.device
-    ids = torch.cat([ro.prompt_ids, ro.ids], 1).to(dev)
-    is_image = torch.cat([torch.zeros_like(ro.prompt_ids, dtype=torch.bool), ro.is_image], 1).to(dev)
-    attn = torch.cat([ro.prompt_mask, torch.ones_like(ro.ids)], 1).to(dev)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
     tgt, img = ro.ids.to(dev), ro.is_image.to(dev)
-    placeholders, context = torch.cat([ro.prompt_ids.to(dev) == model.image_id, torch.zeros_like(img)], 1), ro.context
-    B, guided = len(tgt), cfg_scale != 1 and bool(img.any())
+    B, (P, T), guided = len(tgt), ro.prompt_ids.shape[1:] + ro.ids.shape[1:], cfg_scale != 1 and bool(img.any())
+    # packed rows: each row's prompt and answer run from column 0, padding only at its end. Left-padded prompts
+    # beside right-padded answers pad every row to the longest prompt plus the longest answer (README, "Speed")
+    n_prompt = ro.prompt_mask.sum(1).to(dev)
+    n_used = torch.where(ro.mask.bool(), torch.arange(1, T + 1), 0).amax(1).to(dev)  # up to the last sampled token
+    W = int((n_prompt + n_used).max())
+    cols = torch.arange(W, device=dev)
+    src = (cols + (P - n_prompt)[:, None]).clamp(max=P + T - 1)
+    pack = lambda prompt, answer: torch.cat([prompt.to(dev), answer.to(dev)], 1).gather(1, src)
+    ids = pack(ro.prompt_ids, tgt)
+    is_image = pack(torch.zeros_like(ro.prompt_ids, dtype=torch.bool), img)
+    placeholders, context = pack(ro.prompt_ids == model.image_id, torch.zeros_like(img)), ro.context
+    attn = (cols < (n_prompt + n_used)[:, None]).long()
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
     if guided:
         ids = torch.cat([ids, unconditional_ids(model, ids, is_image)])
         is_image, attn, pos, placeholders = (t.repeat(2, 1) for t in (is_image, attn, pos, placeholders))
@@ -1151,7 +1159,9 @@ def _sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale
     if torch.is_grad_enabled():  # which optional parts this rank's gradient reaches (drop_unused_grads, FSDP)
         model.grad_paths = getattr(model, "grad_paths", set()) | {k for k, on in (
             ("vision", pixels is not None), ("image_in", bool(is_image.any())), ("image_out", bool(img.any()))) if on}
-    h = h[:, ro.prompt_ids.shape[1] - 1:-1]  # hidden states that predict the generated tokens
+    # the hidden states that predict the generated tokens: answer token t of a row follows its prompt's last token
+    at = (n_prompt[:, None] - 1 + torch.arange(T, device=dev)).clamp(max=W - 1)  # past n_used: masked, any row
+    h = h.gather(1, (at.repeat(2, 1) if guided else at)[..., None].expand(-1, -1, h.shape[-1]))
     logp = torch.zeros(tgt.shape, device=dev)
     ent = torch.zeros(tgt.shape, device=dev) if with_entropy else None
     for rows, image in ((~img, False), (img, True)):

@@ -80,6 +80,26 @@ def test_begin_of_image_hidden_state_predicts_image_token_0(tiny):
     assert abs(logp[0, boi + 1].item() - wrong.item()) > 1e-3
 
 
+
+def test_packed_rows_score_as_each_row_alone(tiny, monkeypatch):
+    """sequence_logprobs packs each row's prompt and answer from column 0. A batch whose rows pair long prompts
+    (continuations, with context images) with short answers and short prompts with long answers scores every
+    row as that row does alone, without padding; and the trunk sees the longest row, not max prompt + max answer."""
+    ex = (data.make_examples("continuation", 2, "rl", seed=1) + data.make_examples("story", 2, "rl", seed=1)
+          + data.make_examples("understanding", 2, "rl", seed=1))
+    b = make_batch(tiny, ex)
+    widths, trunk = [], tiny.trunk
+    monkeypatch.setattr(tiny, "trunk", lambda embeds, *a, **k: widths.append(embeds.shape[1]) or trunk(embeds, *a, **k))
+    with torch.no_grad():
+        logp, _ = sequence_logprobs(tiny, b)
+        for i, e in enumerate(ex):
+            alone, _ = sequence_logprobs(tiny, make_batch(tiny, [e]))
+            n = alone.shape[1]
+            torch.testing.assert_close(logp[i, :n][b.mask[i, :n].bool()], alone[0][b.mask[i, :n].bool()],
+                                       atol=1e-5, rtol=0)
+    answers = torch.tensor([len(ids) for ids, _, _ in tiny.encode_answers([e.answer for e in ex])])
+    longest = int((b.prompt_mask.sum(1) + answers).max())  # every answer here ends with a trained EOS
+    assert widths[0] == longest < b.prompt_ids.shape[1] + b.ids.shape[1] - 10
 def test_rows_switch_modality_independently_and_images_are_whole(boi_biased):
     m = boi_biased
     ro = sample_interleaved(m, _prompts() * 2, max_new_tokens=60, generator=torch.Generator().manual_seed(2))
@@ -179,7 +199,7 @@ def test_generated_grid_is_the_vq_grid(tiny, tmp_path):
     assert sum(is_image) == tiny.n_image_tokens
     tiny.janus.save_pretrained(tmp_path); tiny.tokenizer.save_pretrained(tmp_path)
     assert unigrpo.load_model(str(tmp_path), "cpu").n_image_tokens == tiny.n_image_tokens  # and after a reload
-    other = "8" if tiny.n_image_tokens == 9 else "16"  # a VQ built for another grid is refused, not silently cut
+    other = "4" if tiny.n_image_tokens == 9 else "8"  # a VQ built for another grid is refused, not silently cut
     cfg = unigrpo.get_config(["--patch_size", other])
     with pytest.raises(ValueError, match="grid"):
         unigrpo.tiny_janus(tiny.tokenizer, tiny.janus.model.vqmodel, cfg)
