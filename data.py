@@ -623,8 +623,8 @@ def train_vq(config, images: list, steps: int = 200, batch_size: int = 8, lr: fl
     to draw from such codes (its image loss stalled near 3 nats; t2i accuracy 0). With labels
     H = 0: one code per content, and the policy's image tokens are learnable.
     A random 10% (at most 64) of the images is held out for stats (see vq_stats).
-    Measured (defaults: 3x3 grid, labels, 400 steps, 1500 vq_training_images, 2 busy CPU cores):
-    see README; 300 steps gave ~99.7% per-cell and 97.5% exact-scene accuracy on held-out scenes.
+    Measured (defaults: 24 px, 3x3 grid, labels, 400 steps, 1500 vq_training_images): 99.7% of held-out cells
+    and 98.4% of held-out busy grids read back right, every cell of 300 world scenes; 300 steps: 98.8% (README).
     """
     from transformers import JanusVQVAE
 
