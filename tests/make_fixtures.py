@@ -14,7 +14,8 @@ script, never the files. Images are 16x16 PNGs, each a distinct colour with a da
   ROOT/realdata/{warmup,rl,eval}.jsonl   unigrpo's own data files (format at the top of data.py), toy-world
                                  content so that the toy model and critic run on them: warm-up (interleaved,
                                  understanding, t2i), GRPO prompts and evaluation prompts (one with a context
-                                 image, one without ref_texts), images rendered at 48 px
+                                 image, one without ref_texts), images rendered at 48 px (the loaders resize them to
+                                 --image_size, 24 by default)
 """
 import json
 import os
@@ -112,7 +113,7 @@ def _segments(segs, folder, stem):
 
 def realdata(folder):
     """unigrpo's data files, from toy-world examples of each split."""
-    mk = lambda task, n, split: data.make_examples(task, n, split, seed=0)
+    mk = lambda task, n, split: data.make_examples(task, n, split, seed=0, image_size=48)
     files = {"warmup": [e for t in ("story", "continuation", "understanding", "t2i") for e in mk(t, 2, "warmup")],
              "rl": [e for t in ("story", "howto", "continuation") for e in mk(t, 2, "rl")],
              "eval": [e for t in ("story", "howto", "continuation") for e in mk(t, 1, "eval")]}
