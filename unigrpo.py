@@ -1140,7 +1140,8 @@ def _sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale
     # packed rows: each row's prompt and answer run from column 0, padding only at its end. Left-padded prompts
     # beside right-padded answers pad every row to the longest prompt plus the longest answer (README, "Speed")
     n_prompt = ro.prompt_mask.sum(1).to(dev)
-    n_used = torch.where(ro.mask.bool(), torch.arange(1, T + 1), 0).amax(1).to(dev)  # up to the last sampled token
+    upto = torch.arange(1, T + 1, device=ro.mask.device)
+    n_used = torch.where(ro.mask.bool(), upto, 0).amax(1).to(dev)  # up to the last sampled token
     W = int((n_prompt + n_used).max())
     cols = torch.arange(W, device=dev)
     src = (cols + (P - n_prompt)[:, None]).clamp(max=P + T - 1)
