@@ -58,8 +58,8 @@ model = ""                # "" = tiny Janus for the toy world; else an HF id or 
 n_layer = 4               # tiny Janus trunk (toy world only)
 n_embd = 128
 n_head = 4
-image_size = 24           # toy images: 24x24, a 3x3 scene grid (data.IMAGE_SIZE)
-patch_size = 8            # VQ downsampling: 24/8 = 3x3 = 9 image tokens per image, one per scene cell
+image_size = data.IMAGE_SIZE  # toy images: 24x24, a 3x3 scene grid
+patch_size = data.PATCH_SIZE  # VQ downsampling: 24/8 = 3x3 = 9 image tokens per image, one per scene cell
 codebook_size = 16        # a cell holds one of 13 things; the toy VQ gives each its own code (data.train_vq)
 lora_rank = 0             # > 0: train LoRA adapters (peft) on the trunk, base frozen (the paper's QLoRA row)
 lora_alpha = 16           # LoRA scale = lora_alpha / lora_rank
@@ -1140,16 +1140,14 @@ def _sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale
     # packed rows: each row's prompt and answer run from column 0, padding only at its end. Left-padded prompts
     # beside right-padded answers pad every row to the longest prompt plus the longest answer (README, "Speed")
     n_prompt = ro.prompt_mask.sum(1).to(dev)
-    upto = torch.arange(1, T + 1, device=ro.mask.device)
-    n_used = torch.where(ro.mask.bool(), upto, 0).amax(1).to(dev)  # up to the last sampled token
-    W = int((n_prompt + n_used).max())
-    cols = torch.arange(W, device=dev)
+    length = n_prompt + torch.where(ro.mask.to(dev).bool(), torch.arange(1, T + 1, device=dev), 0).amax(1)
+    cols = torch.arange(int(length.max()), device=dev)  # a row ends at its last sampled token
     src = (cols + (P - n_prompt)[:, None]).clamp(max=P + T - 1)
     pack = lambda prompt, answer: torch.cat([prompt.to(dev), answer.to(dev)], 1).gather(1, src)
     ids = pack(ro.prompt_ids, tgt)
     is_image = pack(torch.zeros_like(ro.prompt_ids, dtype=torch.bool), img)
     placeholders, context = pack(ro.prompt_ids == model.image_id, torch.zeros_like(img)), ro.context
-    attn = (cols < (n_prompt + n_used)[:, None]).long()
+    attn = (cols < length[:, None]).long()
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     if guided:
         ids = torch.cat([ids, unconditional_ids(model, ids, is_image)])
@@ -1161,7 +1159,7 @@ def _sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale
         model.grad_paths = getattr(model, "grad_paths", set()) | {k for k, on in (
             ("vision", pixels is not None), ("image_in", bool(is_image.any())), ("image_out", bool(img.any()))) if on}
     # the hidden states that predict the generated tokens: answer token t of a row follows its prompt's last token
-    at = (n_prompt[:, None] - 1 + torch.arange(T, device=dev)).clamp(max=W - 1)  # past n_used: masked, any row
+    at = (n_prompt[:, None] - 1 + torch.arange(T, device=dev)).clamp(max=len(cols) - 1)  # past its end: masked
     h = h.gather(1, (at.repeat(2, 1) if guided else at)[..., None].expand(-1, -1, h.shape[-1]))
     logp = torch.zeros(tgt.shape, device=dev)
     ent = torch.zeros(tgt.shape, device=dev) if with_entropy else None

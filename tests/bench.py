@@ -241,9 +241,12 @@ def counting(n):
             return out
         return g
 
-    def trunk(self, *a, **kw):
+    def trunk(self, embeds, attention_mask, *a, **kw):
         n["trunk (sampler)" if sampling[0] else "trunk (teacher-forced)"] += 1
-        return orig["trunk"](self, *a, **kw)
+        if not sampling[0]:  # the cells the teacher-forced pass computes, and how many of them are real tokens
+            n["teacher-forced cells"] += attention_mask.numel()
+            n["teacher-forced real"] += attention_mask.sum().item()
+        return orig["trunk"](self, embeds, attention_mask, *a, **kw)
 
     def sample(*a, **kw):
         sampling[0] = True
@@ -254,8 +257,6 @@ def counting(n):
         n["sample_interleaved"] += 1
         n["sampled positions"] += ro.ids.shape[1]
         n["live row-steps"] += ro.mask.mean().item()  # rows still writing (finished rows ride along in the batch)
-        written = ro.mask.bool() | (ro.ids == a[0].eoi_id)  # sampled or forced tokens, not padding
-        n["real positions"] += (ro.prompt_mask.sum() + written.sum()).item() / (ro.prompt_ids.numel() + ro.ids.numel())
         return ro
 
     def logprobs(*a, **kw):
@@ -285,7 +286,7 @@ def calls_row(n, cfg, uses_ref):
     if sampler not in (L, L + 1):  # 1 prefill + L-1 decode forwards (+1 whose output is unused when the budget ends the loop)
         bad.append(f"trunk (sampler) {sampler} for {L} positions")
     detail = (f"sample_interleaved {n['sample_interleaved']}: trunk {sampler} forwards for {L} positions (1 prefill + "
-              f"{L - 1} decode{' + 1 unused' if sampler == L + 1 else ''}; {n['live row-steps']:.0%} of row-steps live) · teacher-forced trunk {tf} over {n['real positions']:.0%} real tokens (the rest padding) = reference "
+              f"{L - 1} decode{' + 1 unused' if sampler == L + 1 else ''}; {n['live row-steps']:.0%} of row-steps live) · teacher-forced trunk {tf} over {n['teacher-forced real'] / max(n['teacher-forced cells'], 1):.0%} real tokens (the rest padding) = reference "
               f"{int(uses_ref)} + update {cfg.inner_epochs} (inner_epochs) · sequence_logprobs without graph "
               f"{n['sequence_logprobs (no graph)']} (reference; old log-probs from the sampler), with graph "
               f"{n['sequence_logprobs (graph)']} · decode_rollout {n['decode_rollout']} ({n['decode_rollout s']:.2f} s, "
@@ -306,7 +307,7 @@ def grpo_setup(cfg, dev, G, k, n_prompts):
         bias_text_logits(m, boi_id=boi, eos_id=-1e4)
     tok = policy.tokenizer
     critic = rewards.ToyTextCritic(data.parse)
-    scorer = rewards.build_toy_clip(rewards.toy_clip_config(tok, c.image_size, math.gcd(c.image_size, 16)), tok)
+    scorer = rewards.build_toy_clip(rewards.toy_clip_config(tok, c.image_size, c.patch_size), tok)
     return c, policy, ref, critic, scorer, prompts_mix(n_prompts, c.image_size)
 
 

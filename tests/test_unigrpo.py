@@ -80,7 +80,6 @@ def test_begin_of_image_hidden_state_predicts_image_token_0(tiny):
     assert abs(logp[0, boi + 1].item() - wrong.item()) > 1e-3
 
 
-
 def test_packed_rows_score_as_each_row_alone(tiny, monkeypatch):
     """sequence_logprobs packs each row's prompt and answer from column 0. A batch whose rows pair long prompts
     (continuations, with context images) with short answers and short prompts with long answers scores every
@@ -100,6 +99,8 @@ def test_packed_rows_score_as_each_row_alone(tiny, monkeypatch):
     answers = torch.tensor([len(ids) for ids, _, _ in tiny.encode_answers([e.answer for e in ex])])
     longest = int((b.prompt_mask.sum(1) + answers).max())  # every answer here ends with a trained EOS
     assert widths[0] == longest < b.prompt_ids.shape[1] + b.ids.shape[1] - 10
+
+
 def test_rows_switch_modality_independently_and_images_are_whole(boi_biased):
     m = boi_biased
     ro = sample_interleaved(m, _prompts() * 2, max_new_tokens=60, generator=torch.Generator().manual_seed(2))
