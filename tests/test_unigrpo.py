@@ -145,7 +145,8 @@ def test_finished_rows_leave_the_batch_and_change_no_draw(tiny, cfg_scale):
     twins = 2 if cfg_scale != 1 else 1
     lengths = ro.mask.sum(1)
     assert lengths.min() < lengths.max() / 2 and (ro.is_image & ro.mask.bool()).any()
-    assert sizes[0] == twins * len(group) and min(sizes) < twins * len(group), "finished rows left the batch"
+    assert sizes[0] == twins * len(prompts), "a group's rows share its prompt's prefill"
+    assert sizes[1] == twins * len(group) and min(sizes) < twins * len(group), "finished rows left the batch"
     for k, a in enumerate(alone):
         rows, T = slice(k * G, (k + 1) * G), a.ids.shape[1]
         for name in ("ids", "is_image", "segment", "mask"):
@@ -153,6 +154,37 @@ def test_finished_rows_leave_the_batch_and_change_no_draw(tiny, cfg_scale):
         assert not ro.mask[rows, T:].any()
         torch.testing.assert_close(ro.logp[rows, :T], a.logp, atol=1e-5, rtol=0)
         assert torch.equal(ro.finished[rows], a.finished)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_a_group_shares_its_prompts_prefill(tiny, cfg_scale):
+    """Rows given one prompt object run its prefill once (the KV cache is copied to them) and sample what rows given
+    copies of it, each prefilled on its own, do: a GRPO group's rollouts are unchanged, at 1/G of the prefill."""
+    prompts, G = _prompts(), 3
+    shared = [p for p in prompts for _ in range(G)]
+    copies = [list(p) for p in shared]  # equal, but distinct objects: one prefill per row
+    gens = lambda: [torch.Generator().manual_seed(20 + k) for k in range(len(prompts))]
+    sizes, trunk = [], type(tiny).trunk
+
+    def counting(self, embeds, *a, **kw):
+        sizes.append(len(embeds))
+        return trunk(self, embeds, *a, **kw)
+    try:
+        bias_text_logits(tiny, boi_id=1.5, eos_id=1.0)
+        tiny.trunk = counting.__get__(tiny)
+        one = sample_interleaved(tiny, shared, max_new_tokens=40, generator=gens(), cfg_scale=cfg_scale)
+        prefilled_once = sizes[0]
+        sizes.clear()
+        each = sample_interleaved(tiny, copies, max_new_tokens=40, generator=gens(), cfg_scale=cfg_scale)
+    finally:
+        del tiny.text_logits, tiny.trunk
+    twins = 2 if cfg_scale != 1 else 1
+    assert prefilled_once == twins * len(prompts) and sizes[0] == twins * len(shared)
+    assert (one.is_image & one.mask.bool()).any() and one.context[0], "images drawn; context images in the prefill"
+    for name in ("prompt_ids", "prompt_mask", "ids", "is_image", "segment", "mask", "finished"):
+        assert torch.equal(getattr(one, name), getattr(each, name)), name
+    torch.testing.assert_close(one.logp, each.logp, atol=1e-5, rtol=0)
+    assert all(torch.equal(a, b) for x, y in zip(one.context, each.context) for a, b in zip(x, y))
 
 
 def test_limits_stop_runaway_rows(tiny):
