@@ -1140,16 +1140,38 @@ def sequence_logprobs(model, *args, **kwargs):
     return model(_sequence_logprobs, *args, **kwargs)
 
 
-def _sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale=1.0):
+def _sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale=1.0, group_size=1):
     """log pi(o_t | q, o_<t) of every generated token, with the sampler's temperature and guidance, so that
     on-policy the ratio is exactly 1. The hidden state at <begin_of_image> predicts image code 0. With CFG the
-    gradient flows through both branches: the policy optimised is the guided one that sampled."""
+    gradient flows through both branches: the policy optimised is the guided one that sampled. group_size G > 1:
+    rows k*G .. k*G+G-1 share one prompt (a GRPO group), which runs once."""
     dev = model.device
     tgt, img = ro.ids.to(dev), ro.is_image.to(dev)
-    B, (P, T), guided = len(tgt), ro.prompt_ids.shape[1:] + ro.ids.shape[1:], cfg_scale != 1 and bool(img.any())
-    # packed rows: each row's prompt and answer run from column 0, padding only at its end. Left-padded prompts
-    # beside right-padded answers pad every row to the longest prompt plus the longest answer (README, "Speed")
-    n_prompt = ro.prompt_mask.sum(1).to(dev)
+    B, guided = len(tgt), cfg_scale != 1 and bool(img.any())
+    # the hidden states that predict the generated tokens [B, T, D] (CFG: the unconditional twins' below them)
+    h, inputs = grouped_states(model, ro, guided, group_size) if group_size > 1 else packed_states(model, ro, guided)
+    if torch.is_grad_enabled():  # which optional parts this rank's gradient reaches (drop_unused_grads, FSDP)
+        model.grad_paths = getattr(model, "grad_paths", set()) | {k for k, on in (
+            ("vision", bool(ro.context and any(ro.context))), ("image_in", inputs), ("image_out", bool(img.any())))
+            if on}
+    logp = torch.zeros(tgt.shape, device=dev)
+    ent = torch.zeros(tgt.shape, device=dev) if with_entropy else None
+    for rows, image in ((~img, False), (img, True)):
+        if rows.any():
+            lsm = head_logprobs(model, h[:B][rows], image, temperature, h[B:][rows] if guided else None, cfg_scale)
+            logp[rows] = lsm.gather(-1, tgt[rows][:, None]).squeeze(-1)
+            if with_entropy:
+                ent[rows] = -(lsm.exp() * lsm).sum(-1).detach()
+    return logp, ent
+
+
+def packed_states(model, ro, guided):
+    """The trunk's states that predict each answer token, and whether image codes were among its inputs. Each row's
+    prompt and answer run from column 0, padding only at its end: left-padded prompts beside right-padded answers
+    would pad every row to the longest prompt plus the longest answer (README, "Speed")."""
+    dev = model.device
+    tgt, img = ro.ids.to(dev), ro.is_image.to(dev)
+    (P, T), n_prompt = ro.prompt_ids.shape[1:] + ro.ids.shape[1:], ro.prompt_mask.sum(1).to(dev)
     length = n_prompt + torch.where(ro.mask.to(dev).bool(), torch.arange(1, T + 1, device=dev), 0).amax(1)
     cols = torch.arange(int(length.max()), device=dev)  # a row ends at its last sampled token
     src = (cols + (P - n_prompt)[:, None]).clamp(max=P + T - 1)
@@ -1163,30 +1185,43 @@ def _sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale
         ids = torch.cat([ids, unconditional_ids(model, ids, is_image)])
         is_image, attn, pos, placeholders = (t.repeat(2, 1) for t in (is_image, attn, pos, placeholders))
         context = context * 2
-    pixels = _stack_context(context, dev)
-    h = model.trunk(model.embed(ids, is_image), attn, pos, None, pixels, placeholders)
-    if torch.is_grad_enabled():  # which optional parts this rank's gradient reaches (drop_unused_grads, FSDP)
-        model.grad_paths = getattr(model, "grad_paths", set()) | {k for k, on in (
-            ("vision", pixels is not None), ("image_in", bool(is_image.any())), ("image_out", bool(img.any()))) if on}
-    # the hidden states that predict the generated tokens: answer token t of a row follows its prompt's last token
+    h = model.trunk(model.embed(ids, is_image), attn, pos, None, _stack_context(context, dev), placeholders)
+    # answer token t of a row follows its prompt's last token
     at = (n_prompt[:, None] - 1 + torch.arange(T, device=dev)).clamp(max=len(cols) - 1)  # past its end: masked
-    h = h.gather(1, (at.repeat(2, 1) if guided else at)[..., None].expand(-1, -1, h.shape[-1]))
-    logp = torch.zeros(tgt.shape, device=dev)
-    ent = torch.zeros(tgt.shape, device=dev) if with_entropy else None
-    for rows, image in ((~img, False), (img, True)):
-        if rows.any():
-            lsm = head_logprobs(model, h[:B][rows], image, temperature, h[B:][rows] if guided else None, cfg_scale)
-            logp[rows] = lsm.gather(-1, tgt[rows][:, None]).squeeze(-1)
-            if with_entropy:
-                ent[rows] = -(lsm.exp() * lsm).sum(-1).detach()
-    return logp, ent
+    return h.gather(1, (at.repeat(2, 1) if guided else at)[..., None].expand(-1, -1, h.shape[-1])), bool(is_image.any())
+
+
+def grouped_states(model, ro, guided, G):
+    """packed_states for rows in groups of G that share a prompt: the prompt runs once, and its keys and values
+    (gradient and all) serve the G answers, which run after it. A default GRPO batch's prompts are 45% of its
+    tokens. Answers are right-padded; padding only follows the tokens that are scored (causal attention)."""
+    from transformers import DynamicCache
+    dev, T = model.device, ro.ids.shape[1]
+    each = lambda x: x[:, None].expand(-1, G, *x.shape[1:]).flatten(0, 1)  # a prompt's row -> its G rows (CFG too)
+    ids, mask, context = ro.prompt_ids[::G].to(dev), ro.prompt_mask[::G].to(dev), ro.context[::G]
+    no_image = torch.zeros_like(ids, dtype=torch.bool)
+    answer, is_image = ro.ids[:, :-1].to(dev), ro.is_image[:, :-1].to(dev)  # the last token predicts nothing
+    if guided:
+        ids = torch.cat([ids, unconditional_ids(model, ids, no_image)])
+        answer = torch.cat([answer, unconditional_ids(model, answer, is_image)])
+        mask, no_image, is_image, context = mask.repeat(2, 1), no_image.repeat(2, 1), is_image.repeat(2, 1), context * 2
+    cache, pos = DynamicCache(), (mask.cumsum(-1) - 1).clamp(min=0)
+    last = each(model.trunk(model.embed(ids, no_image), mask, pos, cache, _stack_context(context, dev),
+                            ids == model.image_id)[:, -1:])  # predicts answer token 0
+    if T == 1:
+        return last, False
+    for layer in cache.layers:  # expand, not index: the gradient is then a sum over the G rows, not a scatter
+        layer.keys, layer.values = each(layer.keys), each(layer.values)
+    attn = torch.cat([each(mask), torch.ones_like(answer)], 1)
+    h = model.trunk(model.embed(answer, is_image), attn, each(pos[:, -1:]) + 1 + torch.arange(T - 1, device=dev), cache)
+    return torch.cat([last, h], 1), bool(is_image.any())
 
 
 def reference_logprobs(ref, ro, cfg):
     """log pi_ref of a rollout, no graph. With LoRA, ref is the policy with its adapters off (no second copy)."""
     off = ref.lora.disable_adapter() if getattr(ref, "lora", None) is not None else contextlib.nullcontext()
     with torch.no_grad(), off:
-        return sequence_logprobs(ref, ro, cfg.temperature, cfg_scale=cfg.cfg_scale)[0]
+        return sequence_logprobs(ref, ro, cfg.temperature, cfg_scale=cfg.cfg_scale, group_size=shared_prompts(cfg))[0]
 
 
 # -----------------------------------------------------------------------------
@@ -1511,7 +1546,7 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
         adv = adv + process_advantages(sc["step_tensor"], ro.segment.cpu(), G, scale=cfg.scale_rewards)
     adv = adv.to(dev)
     lap("scoring")
-    parts = micro_batches(ro, cfg.micro_batch)
+    parts = micro_batches(ro, cfg.micro_batch, shared_prompts(cfg))
     with autocast(cfg, dev):  # 4. the reference's log-probs, once per batch
         ref_logp = [reference_logprobs(ref, sub, cfg) for _, sub in parts] if ref is not None else None
     # 'token' loss: ranks hold different token counts, so each divides by the global count / world size and the
@@ -1535,13 +1570,22 @@ def stopwatch():
     return lap
 
 
-def micro_batches(ro, size):
-    """(rows, sub-rollout) parts of at most `size` rows of similar length, each cut to its own length: the update's
-    memory is that of `size` rollouts and little of it is padding (the loss is a sum over rows: order is free)."""
+def micro_batches(ro, size, group_size=1):
+    """(rows, sub-rollout) parts of at most `size` rows of similar length, in whole groups of group_size (a group's
+    prompt runs once), each cut to its own length: the update's memory is that of `size` rollouts and little of it
+    is padding (the loss is a sum over rows: order is free)."""
     if len(ro.ids) <= size:
         return [(slice(None), ro)]
-    by_length = (ro.prompt_mask.sum(1) + ro.mask.sum(1)).argsort(stable=True)
-    return [(rows, trajectory_rows(ro, rows)) for rows in by_length.split(size)]
+    G = group_size
+    longest = (ro.prompt_mask.sum(1) + ro.mask.sum(1)).view(-1, G).amax(1)  # per group
+    by_length = (longest.argsort(stable=True)[:, None] * G + torch.arange(G)).flatten()
+    return [(rows, trajectory_rows(ro, rows)) for rows in by_length.split(max(1, size // G) * G)]
+
+
+def shared_prompts(cfg):
+    """The teacher-forced passes' group size (grouped_states), 1 under gradient checkpointing: transformers then
+    drops the cache that carries a prompt's keys and values to its answers."""
+    return 1 if cfg.grad_checkpointing else cfg.group_size
 
 
 def policy_update(policy, opt, parts, adv, ref_logp, n_tokens, B, cfg):
@@ -1556,7 +1600,8 @@ def policy_update(policy, opt, parts, adv, ref_logp, n_tokens, B, cfg):
         for k, (rows, sub) in enumerate(parts):
             mask, T = sub.mask.to(dev), sub.ids.shape[1]
             with autocast(cfg, dev):
-                logp, ent = sequence_logprobs(policy, sub, cfg.temperature, epoch == 0, cfg.cfg_scale)
+                logp, ent = sequence_logprobs(policy, sub, cfg.temperature, epoch == 0, cfg.cfg_scale,
+                                              shared_prompts(cfg))
             if epoch == 0:  # pi_old: this forward of the policy that sampled, not the KV-cache decode's (bf16 differs)
                 old_logp[k] = logp.detach()
             part_loss, part_st = grpo_loss(logp, old_logp[k], ref_logp[k] if ref_logp else None, adv[rows, :T], mask,
@@ -1610,8 +1655,8 @@ def evaluate(model, critic, scorer, cfg, n, seed=0):
         interleaved = [e for t in data.INTERLEAVED for e in make(t, max(1, n // 3))]
         examples = interleaved + make("understanding", n) + make("t2i", n)
     rows = []
-    for i in range(0, len(examples), 32):
-        ex = examples[i:i + 32]
+    for i in range(0, len(examples), 96):  # 32 a batch took 1.2x the time: more decode steps, each as dear
+        ex = examples[i:i + 96]
         gens = [torch.Generator(model.device).manual_seed(seed * 1_000_003 + i + j) for j in range(len(ex))]
         ro = sample_interleaved(model, [e.prompt for e in ex], cfg.temperature, cfg.max_new_tokens, cfg.max_text_tokens,
                                 cfg.max_images, gens, cfg.cfg_scale)

@@ -243,9 +243,8 @@ def counting(n):
 
     def trunk(self, embeds, attention_mask, *a, **kw):
         n["trunk (sampler)" if sampling[0] else "trunk (teacher-forced)"] += 1
-        if not sampling[0]:  # the cells the teacher-forced pass computes, and how many of them are real tokens
-            n["teacher-forced cells"] += attention_mask.numel()
-            n["teacher-forced real"] += attention_mask.sum().item()
+        if not sampling[0]:  # the positions the teacher-forced passes compute (logprobs counts the real ones)
+            n["teacher-forced cells"] += embeds.shape[0] * embeds.shape[1]
         return orig["trunk"](self, embeds, attention_mask, *a, **kw)
 
     def sample(*a, **kw):
@@ -261,6 +260,9 @@ def counting(n):
 
     def logprobs(*a, **kw):
         n["sequence_logprobs (graph)" if torch.is_grad_enabled() else "sequence_logprobs (no graph)"] += 1
+        ro, G = a[1], kw.get("group_size", a[5] if len(a) > 5 else 1)  # a group's prompt is computed once
+        twins = 2 if kw.get("cfg_scale", a[4] if len(a) > 4 else 1.0) != 1 and ro.is_image.any() else 1
+        n["teacher-forced real"] += twins * (ro.prompt_mask[::G].sum().item() + ro.mask.sum().item())
         return orig["sequence_logprobs"](*a, **kw)
 
     patches = [(unigrpo.UnifiedModel, "trunk", trunk), (unigrpo, "sample_interleaved", sample),
@@ -279,7 +281,8 @@ def counting(n):
 def calls_row(n, cfg, uses_ref):
     """What one step called, against what it should call; the last column flags a difference."""
     L, sampler, tf = n["sampled positions"], n["trunk (sampler)"], n["trunk (teacher-forced)"]
-    want = {"sample_interleaved": 1, "trunk (teacher-forced)": cfg.inner_epochs + uses_ref,
+    passes = 2 if unigrpo.shared_prompts(cfg) > 1 else 1  # grouped_states: a prompt pass, then the answers'
+    want = {"sample_interleaved": 1, "trunk (teacher-forced)": passes * (cfg.inner_epochs + uses_ref),
             "sequence_logprobs (graph)": cfg.inner_epochs, "sequence_logprobs (no graph)": int(uses_ref),
             "decode_rollout": 1, "vq_decode": min(1, n["vq_decode"]), "CLIP score": min(1, n["CLIP score"])}
     bad = [f"{k} {n[k]} (want {v})" for k, v in want.items() if n[k] != v]

@@ -22,12 +22,13 @@ def test_grpo_step_counts_catch_double_work(monkeypatch):
     assert m["completions/mean_image_tokens"] == 2 * policy.n_image_tokens  # forced: exactly k images each
     detail, verdict = bench.calls_row(n, c, uses_ref=True)
     assert verdict == "ok", detail
-    assert n["trunk (teacher-forced)"] == 1 + c.inner_epochs and n["sequence_logprobs (no graph)"] == 1
+    # the reference and each inner epoch: a group's prompt once, then its answers
+    assert n["trunk (teacher-forced)"] == 2 * (1 + c.inner_epochs) and n["sequence_logprobs (no graph)"] == 1
     # a regression that computes the reference log-probs twice must show in the verdict
     once = unigrpo.reference_logprobs
     monkeypatch.setattr(unigrpo, "reference_logprobs", lambda *a: [once(*a) for _ in range(2)][-1])
     n2 = bench.grpo_row(c, policy, ref, critic, scorer, ex, "cpu", repeats=1)[2]
-    assert bench.calls_row(n2, c, uses_ref=True)[1].startswith("CHECK: trunk (teacher-forced) 4 (want 3)")
+    assert bench.calls_row(n2, c, uses_ref=True)[1].startswith("CHECK: trunk (teacher-forced) 8 (want 6)")
 
 
 def test_grpo_flops_count_the_models_matmuls():

@@ -101,6 +101,34 @@ def test_packed_rows_score_as_each_row_alone(tiny, monkeypatch):
     assert widths[0] == longest < b.prompt_ids.shape[1] + b.ids.shape[1] - 10
 
 
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_a_groups_prompt_runs_once_and_scores_as_packed_rows(boi_biased, cfg_scale, monkeypatch):
+    """grouped_states runs a group's prompt once and lets its G answers read its keys and values: the log-probs,
+    entropies and gradients equal those of the packed rows, where every row runs its own prompt."""
+    m, G = boi_biased, 3
+    group = [p for p in _prompts() for _ in range(G)]
+    ro = sample_interleaved(m, group, 0.8, max_new_tokens=40, generator=torch.Generator().manual_seed(3),
+                            cfg_scale=cfg_scale)
+    live = ro.mask.bool()
+    assert ro.context[0] and (ro.is_image & live).any() and ro.mask.sum(1).min() < ro.mask.sum(1).max()
+    widths, trunk = [], m.trunk
+    monkeypatch.setattr(m, "trunk", lambda embeds, *a, **k: widths.append(embeds.shape) or trunk(embeds, *a, **k))
+    out = {}
+    for g in (1, G):
+        m.zero_grad(set_to_none=True)
+        logp, ent = sequence_logprobs(m, ro, 0.8, True, cfg_scale, group_size=g)
+        (logp * ro.mask).sum().backward()
+        out[g] = logp.detach(), ent, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    twins = 2 if cfg_scale != 1 else 1
+    assert widths[1][0] == twins * len(_prompts()) and widths[2][0] == twins * len(group), "prompts once, answers after"
+    torch.testing.assert_close(out[G][0][live], out[1][0][live], atol=2e-5, rtol=0)
+    torch.testing.assert_close(out[G][0][live], ro.logp[live], atol=2e-5, rtol=0)
+    torch.testing.assert_close(out[G][1][live], out[1][1][live], atol=2e-5, rtol=0)
+    assert out[G][2].keys() == out[1][2].keys() and any("vision" in n for n in out[1][2])
+    for n, grad in out[1][2].items():
+        torch.testing.assert_close(out[G][2][n], grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
 def test_rows_switch_modality_independently_and_images_are_whole(boi_biased):
     m = boi_biased
     ro = sample_interleaved(m, _prompts() * 2, max_new_tokens=60, generator=torch.Generator().manual_seed(2))
