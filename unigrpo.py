@@ -1196,7 +1196,9 @@ def grouped_states(model, ro, guided, G):
     (gradient and all) serve the G answers, which run after it. A default GRPO batch's prompts are 45% of its
     tokens. Answers are right-padded; padding only follows the tokens that are scored (causal attention)."""
     from transformers import DynamicCache
-    dev, T = model.device, ro.ids.shape[1]
+    dev, (P, T) = model.device, ro.prompt_ids.shape[1:] + ro.ids.shape[1:]
+    if not torch.equal(ro.prompt_ids.view(-1, G, P), ro.prompt_ids[::G, None].expand(-1, G, -1)):
+        raise ValueError(f"grouped_states: rows in groups of {G} must share their prompt (a GRPO group's rollouts)")
     each = lambda x: x[:, None].expand(-1, G, *x.shape[1:]).flatten(0, 1)  # a prompt's row -> its G rows (CFG too)
     ids, mask, context = ro.prompt_ids[::G].to(dev), ro.prompt_mask[::G].to(dev), ro.context[::G]
     no_image = torch.zeros_like(ids, dtype=torch.bool)
@@ -1217,11 +1219,11 @@ def grouped_states(model, ro, guided, G):
     return torch.cat([last, h], 1), bool(is_image.any())
 
 
-def reference_logprobs(ref, ro, cfg):
+def reference_logprobs(ref, ro, cfg, group_size=1):
     """log pi_ref of a rollout, no graph. With LoRA, ref is the policy with its adapters off (no second copy)."""
     off = ref.lora.disable_adapter() if getattr(ref, "lora", None) is not None else contextlib.nullcontext()
     with torch.no_grad(), off:
-        return sequence_logprobs(ref, ro, cfg.temperature, cfg_scale=cfg.cfg_scale, group_size=shared_prompts(cfg))[0]
+        return sequence_logprobs(ref, ro, cfg.temperature, cfg_scale=cfg.cfg_scale, group_size=group_size)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -1546,15 +1548,16 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
         adv = adv + process_advantages(sc["step_tensor"], ro.segment.cpu(), G, scale=cfg.scale_rewards)
     adv = adv.to(dev)
     lap("scoring")
-    parts = micro_batches(ro, cfg.micro_batch, shared_prompts(cfg))
+    share = shared_prompts(cfg)
+    parts = micro_batches(ro, cfg.micro_batch, share)
     with autocast(cfg, dev):  # 4. the reference's log-probs, once per batch
-        ref_logp = [reference_logprobs(ref, sub, cfg) for _, sub in parts] if ref is not None else None
+        ref_logp = [reference_logprobs(ref, sub, cfg, share) for _, sub in parts] if ref is not None else None
     # 'token' loss: ranks hold different token counts, so each divides by the global count / world size and the
     # rank-averaged gradient is the global token mean's ('sequence': equal rows per rank suffice)
     n_tokens = all_sum(ro.mask.sum().to(dev)) / world_size()
     lap("reference")
     policy.train()
-    update = policy_update(policy, opt, parts, adv, ref_logp, n_tokens, len(group), cfg)  # 5. the clipped objective
+    update = policy_update(policy, opt, parts, adv, ref_logp, n_tokens, len(group), share, cfg)  # 5. the objective
     policy.eval()
     return iteration_metrics(ro, sc, G, update, lap("update"))
 
@@ -1588,9 +1591,9 @@ def shared_prompts(cfg):
     return 1 if cfg.grad_checkpointing else cfg.group_size
 
 
-def policy_update(policy, opt, parts, adv, ref_logp, n_tokens, B, cfg):
-    """cfg.inner_epochs passes of grpo_loss over the micro-batches (gradients accumulate over a pass), one AdamW step
-    each. Returns the KL and entropy of the first pass (the policy that sampled: the ratio is exactly 1 there) and
+def policy_update(policy, opt, parts, adv, ref_logp, n_tokens, B, share, cfg):
+    """cfg.inner_epochs passes of grpo_loss over the micro-batches (gradients accumulate over a pass; share: their
+    rows' group size, grouped_states), one AdamW step each. Returns the KL and entropy of the first pass (the policy that sampled: the ratio is exactly 1 there) and
     the last pass's loss, clip ratio and gradient norm; NaN where a non-finite loss stopped it before a step."""
     dev, nan = policy.device, float("nan")
     first, gn, old_logp = dict(entropy=nan, kl=nan), torch.tensor(nan), [None] * len(parts)
@@ -1600,8 +1603,7 @@ def policy_update(policy, opt, parts, adv, ref_logp, n_tokens, B, cfg):
         for k, (rows, sub) in enumerate(parts):
             mask, T = sub.mask.to(dev), sub.ids.shape[1]
             with autocast(cfg, dev):
-                logp, ent = sequence_logprobs(policy, sub, cfg.temperature, epoch == 0, cfg.cfg_scale,
-                                              shared_prompts(cfg))
+                logp, ent = sequence_logprobs(policy, sub, cfg.temperature, epoch == 0, cfg.cfg_scale, share)
             if epoch == 0:  # pi_old: this forward of the policy that sampled, not the KV-cache decode's (bf16 differs)
                 old_logp[k] = logp.detach()
             part_loss, part_st = grpo_loss(logp, old_logp[k], ref_logp[k] if ref_logp else None, adv[rows, :T], mask,
