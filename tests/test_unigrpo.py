@@ -1,4 +1,5 @@
 """The unified model wrapper, the interleaved sampler, teacher-forced log-probs, checkpoints, the CLI."""
+import contextlib
 import os
 import random
 import subprocess
@@ -150,6 +151,22 @@ def test_rows_switch_modality_independently_and_images_are_whole(boi_biased):
             t += 1
 
 
+@contextlib.contextmanager
+def biased_and_counted(model, **bias):
+    """Text logits biased (bias_text_logits), and the batch size of every trunk call recorded."""
+    sizes, trunk = [], type(model).trunk
+
+    def counting(self, embeds, *a, **kw):
+        sizes.append(len(embeds))
+        return trunk(self, embeds, *a, **kw)
+    bias_text_logits(model, **bias)
+    model.trunk = counting.__get__(model)
+    try:
+        yield sizes
+    finally:
+        del model.text_logits, model.trunk
+
+
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 def test_finished_rows_leave_the_batch_and_change_no_draw(tiny, cfg_scale):
     """Rows that end early are dropped from the decode batch and the KV cache; every rollout is still what its group,
@@ -157,19 +174,10 @@ def test_finished_rows_leave_the_batch_and_change_no_draw(tiny, cfg_scale):
     prompts, G = _prompts(), 2
     group = [p for p in prompts for _ in range(G)]
     gens = lambda: [torch.Generator().manual_seed(10 + k) for k in range(len(prompts))]
-    sizes, trunk = [], type(tiny).trunk
-
-    def counting(self, embeds, *a, **kw):
-        sizes.append(len(embeds))
-        return trunk(self, embeds, *a, **kw)
-    try:
-        bias_text_logits(tiny, boi_id=1.5, eos_id=2.0)  # images in some rows, early EOS in others
-        tiny.trunk = counting.__get__(tiny)
+    with biased_and_counted(tiny, boi_id=1.5, eos_id=2.0) as sizes:  # images in some rows, early EOS in others
         ro = sample_interleaved(tiny, group, max_new_tokens=40, generator=gens(), cfg_scale=cfg_scale)
         alone = [sample_interleaved(tiny, group[k * G:(k + 1) * G], max_new_tokens=40, generator=[g],
                                     cfg_scale=cfg_scale) for k, g in enumerate(gens())]
-    finally:
-        del tiny.text_logits, tiny.trunk
     twins = 2 if cfg_scale != 1 else 1
     lengths = ro.mask.sum(1)
     assert lengths.min() < lengths.max() / 2 and (ro.is_image & ro.mask.bool()).any()
@@ -192,20 +200,11 @@ def test_a_group_shares_its_prompts_prefill(tiny, cfg_scale):
     shared = [p for p in prompts for _ in range(G)]
     copies = [list(p) for p in shared]  # equal, but distinct objects: one prefill per row
     gens = lambda: [torch.Generator().manual_seed(20 + k) for k in range(len(prompts))]
-    sizes, trunk = [], type(tiny).trunk
-
-    def counting(self, embeds, *a, **kw):
-        sizes.append(len(embeds))
-        return trunk(self, embeds, *a, **kw)
-    try:
-        bias_text_logits(tiny, boi_id=1.5, eos_id=1.0)
-        tiny.trunk = counting.__get__(tiny)
+    with biased_and_counted(tiny, boi_id=1.5, eos_id=1.0) as sizes:
         one = sample_interleaved(tiny, shared, max_new_tokens=40, generator=gens(), cfg_scale=cfg_scale)
         prefilled_once = sizes[0]
         sizes.clear()
         each = sample_interleaved(tiny, copies, max_new_tokens=40, generator=gens(), cfg_scale=cfg_scale)
-    finally:
-        del tiny.text_logits, tiny.trunk
     twins = 2 if cfg_scale != 1 else 1
     assert prefilled_once == twins * len(prompts) and sizes[0] == twins * len(shared)
     assert (one.is_image & one.mask.bool()).any() and one.context[0], "images drawn; context images in the prefill"
