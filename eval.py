@@ -21,6 +21,7 @@ stays flat is reward hacking. Retained abilities (the paper's MME-P / GenEval an
 text-to-image accuracy, both read by the oracle.
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -892,3 +893,4 @@ def run_benchmark(cfg, name, data_path, checkpoint="", limit=0, skip_bad=False):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main()
+    gc.freeze()  # as unigrpo's: the exit's collections would walk every object
