@@ -1152,8 +1152,7 @@ def _sequence_logprobs(model, ro, temperature=1.0, with_entropy=False, cfg_scale
     h, inputs = grouped_states(model, ro, guided, group_size) if group_size > 1 else packed_states(model, ro, guided)
     if torch.is_grad_enabled():  # which optional parts this rank's gradient reaches (drop_unused_grads, FSDP)
         model.grad_paths = getattr(model, "grad_paths", set()) | {k for k, on in (
-            ("vision", bool(ro.context and any(ro.context))), ("image_in", inputs), ("image_out", bool(img.any())))
-            if on}
+            ("vision", any(ro.context)), ("image_in", inputs), ("image_out", bool(img.any()))) if on}
     logp = torch.zeros(tgt.shape, device=dev)
     ent = torch.zeros(tgt.shape, device=dev) if with_entropy else None
     for rows, image in ((~img, False), (img, True)):
@@ -1557,7 +1556,7 @@ def grpo_step(policy, ref, opt, examples, score_fn, cfg, generator=None):
     n_tokens = all_sum(ro.mask.sum().to(dev)) / world_size()
     lap("reference")
     policy.train()
-    update = policy_update(policy, opt, parts, adv, ref_logp, n_tokens, len(group), share, cfg)  # 5. the objective
+    update = policy_update(policy, opt, parts, adv, ref_logp, n_tokens, len(group), cfg)  # 5. the clipped objective
     policy.eval()
     return iteration_metrics(ro, sc, G, update, lap("update"))
 
@@ -1591,11 +1590,11 @@ def shared_prompts(cfg):
     return 1 if cfg.grad_checkpointing else cfg.group_size
 
 
-def policy_update(policy, opt, parts, adv, ref_logp, n_tokens, B, share, cfg):
-    """cfg.inner_epochs passes of grpo_loss over the micro-batches (gradients accumulate over a pass; share: their
-    rows' group size, grouped_states), one AdamW step each. Returns the KL and entropy of the first pass (the policy that sampled: the ratio is exactly 1 there) and
+def policy_update(policy, opt, parts, adv, ref_logp, n_tokens, B, cfg):
+    """cfg.inner_epochs passes of grpo_loss over the micro-batches (gradients accumulate over a pass), one AdamW step
+    each. Returns the KL and entropy of the first pass (the policy that sampled: the ratio is exactly 1 there) and
     the last pass's loss, clip ratio and gradient norm; NaN where a non-finite loss stopped it before a step."""
-    dev, nan = policy.device, float("nan")
+    dev, nan, share = policy.device, float("nan"), shared_prompts(cfg)
     first, gn, old_logp = dict(entropy=nan, kl=nan), torch.tensor(nan), [None] * len(parts)
     for epoch in range(cfg.inner_epochs):
         opt.zero_grad(set_to_none=True)
@@ -1657,7 +1656,7 @@ def evaluate(model, critic, scorer, cfg, n, seed=0):
         interleaved = [e for t in data.INTERLEAVED for e in make(t, max(1, n // 3))]
         examples = interleaved + make("understanding", n) + make("t2i", n)
     rows = []
-    for i in range(0, len(examples), 96):  # 32 a batch took 1.2x the time: more decode steps, each as dear
+    for i in range(0, len(examples), 96):  # batches of a task family (at n = 96): fewer decode steps in all
         ex = examples[i:i + 96]
         gens = [torch.Generator(model.device).manual_seed(seed * 1_000_003 + i + j) for j in range(len(ex))]
         ro = sample_interleaved(model, [e.prompt for e in ex], cfg.temperature, cfg.max_new_tokens, cfg.max_text_tokens,

@@ -50,6 +50,7 @@ import contextlib
 import copy
 import ctypes
 import gc
+import inspect
 import json
 import math
 import os
@@ -260,8 +261,10 @@ def counting(n):
 
     def logprobs(*a, **kw):
         n["sequence_logprobs (graph)" if torch.is_grad_enabled() else "sequence_logprobs (no graph)"] += 1
-        ro, G = a[1], kw.get("group_size", a[5] if len(a) > 5 else 1)  # a group's prompt is computed once
-        twins = 2 if kw.get("cfg_scale", a[4] if len(a) > 4 else 1.0) != 1 and ro.is_image.any() else 1
+        call = inspect.signature(unigrpo._sequence_logprobs).bind(*a, **kw)
+        call.apply_defaults()
+        ro, G = call.arguments["ro"], call.arguments["group_size"]  # a group's prompt is computed once
+        twins = 2 if call.arguments["cfg_scale"] != 1 and ro.is_image.any() else 1
         n["teacher-forced real"] += twins * (ro.prompt_mask[::G].sum().item() + ro.mask.sum().item())
         return orig["sequence_logprobs"](*a, **kw)
 
