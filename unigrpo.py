@@ -95,7 +95,8 @@ lr = 5e-5                 # AdamW
 inner_epochs = 2          # optimisation passes over each batch of rollouts
 micro_batch = 32          # rollouts per forward/backward of the update, by length; gradients accumulate (memory)
 clip_eps = 0.2
-kl_beta = 0.04            # 0 = no KL term and no reference model in memory
+kl_beta = 0.1             # k3 KL weight (the paper: 0.04, the presets' value); 0.1 keeps the toy world's understanding
+                          # (README, "Warm-up vs GRPO"); 0 = no KL term and no reference model in memory
 loss_type = "sequence"    # sequence: the paper's 1/|o_i| mean per trajectory; token: mean over all tokens
 grad_clip = 1.0
 use_format_reward = True  # r_f, structural fidelity

@@ -272,7 +272,7 @@ def test_resume_refuses_a_changed_flag_and_notes_a_safe_one(pipeline, capsys):
         unigrpo.main(["--stage=grpo", *grpo_args, "--grpo_iters=9", "--kl_beta=0.5", "--group_size=3"])
     assert err.value.code == 2
     msg = capsys.readouterr().err
-    assert "--group_size=2, --kl_beta=0.04" in msg and "--group_size=3, --kl_beta=0.5" in msg and "new --out_dir" in msg, msg
+    assert f"--group_size=2, --kl_beta={unigrpo.DEFAULTS['kl_beta']}" in msg and "--group_size=3, --kl_beta=0.5" in msg and "new --out_dir" in msg, msg
     state = unigrpo.load_state(os.path.join(out, "grpo"))
     cfg = unigrpo.get_config([*grpo_args, "--grpo_iters=9", "--lr=1e-4", "--log_interval=5"])
     unigrpo.check_resume(cfg, state, "grpo", "ck")
