@@ -1322,16 +1322,14 @@ def drop_prompts(model, batch, rows):
 
 def warmup_step(model, opt, examples, answers, cfg, drop=None):
     """One stage-1 iteration: next-token NLL over text and image tokens, the token mean over the global batch. The
-    batch runs as length-sorted chunks of 8 (one loss, one gradient): padded together, the task families (lengths
-    far apart) would make most of a batch padding. drop[i]: train example i as CFG's unconditional branch
-    (drop_prompts). Returns (loss, sums, grad norm)."""
+    batch runs as length_chunks (one loss, one gradient): padded together, the task families (lengths far apart)
+    would make most of a batch padding. drop[i]: train example i as CFG's unconditional branch (drop_prompts).
+    Returns (loss, sums, grad norm)."""
     dev = model.device
     size = lambda i: len(answers[i][0]) + sum(len(x.split()) if k == "text" else model.n_context_tokens + 2
                                               for k, x in examples[i].prompt)  # rough, for sorting only
-    order = sorted(range(len(examples)), key=size)
     nll, st = 0.0, dict(nll_text=0.0, nll_image=0.0, n_text=0, n_image=0)
-    for j in range(0, len(order), 8):
-        chunk = order[j:j + 8]
+    for chunk in length_chunks([size(i) for i in range(len(examples))]):
         batch = make_batch(model, [examples[i] for i in chunk], [answers[i] for i in chunk])
         if drop is not None and any(drop[i] for i in chunk):
             batch = drop_prompts(model, batch, torch.tensor([drop[i] for i in chunk]))
@@ -1351,6 +1349,32 @@ def warmup_step(model, opt, examples, answers, cfg, drop=None):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     return loss, st, apply_gradients(opt, cfg.grad_clip, model)
+
+
+def length_chunks(lengths, rows=8):
+    """Indices into `lengths`, shortest first, in as many chunks as fixed chunks of `rows` would make (so as many
+    forwards), cut where the fewest tokens are padding (a chunk pads to its longest row), and none holding more
+    tokens than `rows` of the longest (the memory of a fixed chunk). A warm-up batch of 24 at the defaults: 20%
+    fewer tokens than chunks of 8 (README, "Speed")."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n, L = len(order), [lengths[i] for i in order]
+    k, cap = -(-n // rows), rows * max(L, default=0)
+    # best[c][j]: the fewest padded tokens for the first j rows in c chunks; cut[c][j]: where the last one starts
+    best = [[0.0] + [math.inf] * n] + [[math.inf] * (n + 1) for _ in range(k)]
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    for c in range(1, k + 1):
+        for j in range(1, n + 1):
+            for i in range(j - 1, -1, -1):
+                if L[j - 1] * (j - i) > cap:
+                    break
+                if best[c - 1][i] + L[j - 1] * (j - i) < best[c][j]:
+                    best[c][j], cut[c][j] = best[c - 1][i] + L[j - 1] * (j - i), i
+    c = min(range(1, k + 1), key=lambda c: best[c][n]) if n else 0
+    chunks, j = [], n
+    while c:
+        chunks.append(order[cut[c][j]:j])
+        j, c = cut[c][j], c - 1
+    return chunks[::-1]
 
 
 def warmup_lr_at(cfg, it):
@@ -1574,14 +1598,15 @@ def stopwatch():
 
 
 def micro_batches(ro, size, group_size=1):
-    """(rows, sub-rollout) parts of at most `size` rows of similar length, in whole groups of group_size (a group's
+    """(rows, sub-rollout) parts of at most `size` rows of similar cost, in whole groups of group_size (a group's
     prompt runs once), each cut to its own length: the update's memory is that of `size` rollouts and little of it
-    is padding (the loss is a sum over rows: order is free)."""
+    is padding (the loss is a sum over rows: order is free). A group costs its prompt once and its longest answer
+    G times: sorted by that, a default batch pads 14% of its tokens (by prompt + answer: 28%)."""
     if len(ro.ids) <= size:
         return [(slice(None), ro)]
     G = group_size
-    longest = (ro.prompt_mask.sum(1) + ro.mask.sum(1)).view(-1, G).amax(1)  # per group
-    by_length = (longest.argsort(stable=True)[:, None] * G + torch.arange(G)).flatten()
+    cost = ro.prompt_mask.sum(1)[::G] + G * ro.mask.sum(1).view(-1, G).amax(1)  # per group
+    by_length = (cost.argsort(stable=True)[:, None] * G + torch.arange(G)).flatten()
     return [(rows, trajectory_rows(ro, rows)) for rows in by_length.split(max(1, size // G) * G)]
 
 

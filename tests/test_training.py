@@ -375,3 +375,42 @@ def test_micro_batches_give_the_update_of_one_batch(tiny):
         assert max((w1[k] - w3[k]).abs().max().item() for k in w1) < 5e-5, loss_type
         w0 = dict(tiny.named_parameters())
         assert max((w1[k] - w0[k]).abs().max().item() for k in w1) > 1e-4  # the step did move the weights
+
+
+def test_length_chunks_pad_least_in_as_many_forwards():
+    """The warm-up's chunks: every row once, shortest first, no more chunks than fixed chunks of `rows` would make,
+    none over the memory of `rows` longest rows, and the fewest padded tokens (checked against every split)."""
+    import itertools
+    import random
+    rng = random.Random(0)
+    for trial in range(200):
+        n, rows = rng.randint(1, 9), rng.randint(1, 4)
+        lengths = [rng.choice((rng.randint(1, 8), rng.randint(20, 60))) for _ in range(n)]
+        chunks = unigrpo.length_chunks(lengths, rows)
+        flat = [i for c in chunks for i in c]
+        assert sorted(flat) == list(range(n)) and [lengths[i] for i in flat] == sorted(lengths)
+        k, cap = -(-n // rows), rows * max(lengths)
+        padded = lambda split: sum(max(lengths[i] for i in c) * len(c) for c in split)
+        assert len(chunks) <= k and all(padded([c]) <= cap for c in chunks)
+        order = sorted(range(n), key=lambda i: lengths[i])
+        best = min(padded(split) for m in range(k) for cuts in itertools.combinations(range(1, n), m)
+                   for split in [[order[a:b] for a, b in zip((0, *cuts), (*cuts, n))]]
+                   if all(padded([c]) <= cap for c in split))
+        assert padded(chunks) == best, (lengths, rows)
+    # the default warm-up batch's shape: 21 short rows and 3 long ones take 3 forwards, the long ones alone
+    assert unigrpo.length_chunks([30] * 21 + [80] * 3)[-1] == [21, 22, 23]
+
+
+def test_micro_batches_sort_groups_by_their_cost():
+    """A group costs its prompt once and its longest answer G times: a long-prompt, short-answer group goes with
+    the short ones, not with the long answers."""
+    G, T = 2, 10
+    prompt_len, answer_len = [2, 9, 2], [8, 8, 1, 1, 9, 9]  # per group and per row: the groups cost 18, 11 and 20
+    B = len(answer_len)  # (by prompt + answer: 10, 10 and 11)
+    prompt_mask = torch.tensor([[0] * (9 - prompt_len[g // G]) + [1] * prompt_len[g // G] for g in range(B)])
+    mask = torch.tensor([[1.0] * answer_len[g] + [0.0] * (T - answer_len[g]) for g in range(B)])
+    z = torch.zeros(B, T, dtype=torch.long)
+    ro = unigrpo.Trajectories(prompt_mask.clone(), prompt_mask, [[]] * B, z, z.bool(), z, z.float(), mask,
+                              torch.ones(B, dtype=torch.bool))
+    rows = [r.tolist() for r, _ in unigrpo.micro_batches(ro, 2 * G, G)]
+    assert rows == [[2, 3, 0, 1], [4, 5]]
