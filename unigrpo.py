@@ -1354,8 +1354,7 @@ def warmup_step(model, opt, examples, answers, cfg, drop=None):
 def length_chunks(lengths, rows=8):
     """Indices into `lengths`, shortest first, in as many chunks as fixed chunks of `rows` would make (so as many
     forwards), cut where the fewest tokens are padding (a chunk pads to its longest row), and none holding more
-    tokens than `rows` of the longest (the memory of a fixed chunk). A warm-up batch of 24 at the defaults: 20%
-    fewer tokens than chunks of 8 (README, "Speed")."""
+    tokens than `rows` of the longest (the memory of a fixed chunk; README, "Speed")."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     n, L = len(order), [lengths[i] for i in order]
     k, cap = -(-n // rows), rows * max(L, default=0)
@@ -1364,11 +1363,12 @@ def length_chunks(lengths, rows=8):
     cut = [[0] * (n + 1) for _ in range(k + 1)]
     for c in range(1, k + 1):
         for j in range(1, n + 1):
-            for i in range(j - 1, -1, -1):
+            for i in range(j - 1, -1, -1):  # the last chunk is rows i..j-1, padded to L[j - 1]
                 if L[j - 1] * (j - i) > cap:
                     break
-                if best[c - 1][i] + L[j - 1] * (j - i) < best[c][j]:
-                    best[c][j], cut[c][j] = best[c - 1][i] + L[j - 1] * (j - i), i
+                padded = best[c - 1][i] + L[j - 1] * (j - i)
+                if padded < best[c][j]:
+                    best[c][j], cut[c][j] = padded, i
     c = min(range(1, k + 1), key=lambda c: best[c][n]) if n else 0
     chunks, j = [], n
     while c:
@@ -1600,14 +1600,14 @@ def stopwatch():
 def micro_batches(ro, size, group_size=1):
     """(rows, sub-rollout) parts of at most `size` rows of similar cost, in whole groups of group_size (a group's
     prompt runs once), each cut to its own length: the update's memory is that of `size` rollouts and little of it
-    is padding (the loss is a sum over rows: order is free). A group costs its prompt once and its longest answer
-    G times: sorted by that, a default batch pads 15-17% of its positions (by prompt + answer: 28%)."""
+    is padding (the loss is a sum over rows: order is free). Groups are sorted by their cost, the prompt once and
+    the longest answer G times (README, "Speed")."""
     if len(ro.ids) <= size:
         return [(slice(None), ro)]
     G = group_size
     cost = ro.prompt_mask.sum(1)[::G] + G * ro.mask.sum(1).view(-1, G).amax(1)  # per group
-    by_length = (cost.argsort(stable=True)[:, None] * G + torch.arange(G)).flatten()
-    return [(rows, trajectory_rows(ro, rows)) for rows in by_length.split(max(1, size // G) * G)]
+    by_cost = (cost.argsort(stable=True)[:, None] * G + torch.arange(G)).flatten()
+    return [(rows, trajectory_rows(ro, rows)) for rows in by_cost.split(max(1, size // G) * G)]
 
 
 def shared_prompts(cfg):
