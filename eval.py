@@ -329,6 +329,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3)
     args, rest = p.parse_known_args(argv)
     cfg = unigrpo.get_config(rest)
+    unigrpo.use_cpu_threads(cfg)
     if args.benchmark or args.data_path:
         if args.benchmark not in BENCHMARKS:
             what = f"unknown --benchmark {args.benchmark!r}" if args.benchmark else "--data_path needs --benchmark"
@@ -891,6 +892,5 @@ def run_benchmark(cfg, name, data_path, checkpoint="", limit=0, skip_bad=False):
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
     main()
     gc.freeze()  # as unigrpo's: the exit's collections would walk every object

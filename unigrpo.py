@@ -1776,6 +1776,12 @@ def get_config(argv):
     return SimpleNamespace(**cfg)
 
 
+def use_cpu_threads(cfg):
+    """--cpu_threads on CPU (0 leaves torch's default, one per core); eval.py applies it too."""
+    if resolve_device(cfg) == "cpu" and cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)
+
+
 def fail(msg):
     """A usage error: the message on stderr, exit status 2, no traceback (str() of it is the message, for tests)."""
     print(f"error: {msg}", file=sys.stderr)
@@ -1941,8 +1947,7 @@ def main(argv=None):
     # per-rank seeds, as nanoGPT; the model's initial weights and the rollouts do not depend on them
     torch.manual_seed(cfg.seed + rank())
     random.seed(cfg.seed + rank())
-    if resolve_device(cfg) == "cpu" and cfg.cpu_threads > 0:
-        torch.set_num_threads(cfg.cpu_threads)
+    use_cpu_threads(cfg)
     order = ["prepare", "warmup", "grpo"]
     todo = order[: order.index(cfg.stage) + 1]
     check_data(cfg, todo)

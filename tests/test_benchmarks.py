@@ -513,6 +513,18 @@ def test_benchmark_cli_skip_bad_lists_the_record(tmp_path, tiny_out, capsys):
         ["wikihow_next_step_0_489157", "report_generation_0_7"]
 
 
+def test_eval_uses_cpu_threads_as_unigrpo_does(tmp_path, monkeypatch):
+    """--cpu_threads sets torch's threads before any work (here: before it finds no checkpoint); 0 leaves torch's
+    default, one per core (eval.py forced 1 thread once, which also made the ablations train at 1)."""
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    for flag, want in (("--cpu_threads=3", [3]), ("--cpu_threads=0", [])):
+        with pytest.raises(SystemExit, match="no checkpoint"):
+            E.main([f"--out_dir={tmp_path}", flag])
+        assert seen == want
+        seen.clear()
+
+
 def test_ablation_trend_and_table_rules():
     """Hand-made results: paired differences, spread, the verdicts, and the one table's rows and cells."""
     r = lambda v: dict.fromkeys(E.ABLATION_COLUMNS, v)
