@@ -87,7 +87,7 @@ max_new_tokens = 200      # per trajectory (text + image + forced end-of-image t
 max_text_tokens = 32      # per text segment; a longer segment stops the row (runaway text)
 max_images = 4            # a row that opens one image more stops (runaway images)
 # GRPO (stage 2)
-grpo_iters = 30           # the 0.6 mix's longer warm-up rows are paid for here; 36 gains +0.011 more (README)
+grpo_iters = 30           # pays for the 0.6 mix's longer warm-up; 36 gains +0.011 but forgets on 2 of 10 seeds (README)
 prompts_per_step = 64     # prompts per iteration (x G rollouts): smaller batches gave gradients mostly noise (README)
 rl_tasks = "story,howto,continuation,understanding"  # GRPO's prompt families (RL split); understanding's
                           # share keeps GRPO from unlearning it (README)
