@@ -1,0 +1,56 @@
+"""Where a default warm-up step's time goes on this machine (a probe script, not collected by pytest).
+
+    python tests/profile_warmup.py            # 2 threads: 20 timed steps, then torch.profiler over 10
+
+Random weights (speed does not depend on training), the default batch and warm-up mix. Prints the step's
+median wall time and the operators sorted by their own time: compare the operators' total with the wall
+time to see how much of a step is spent outside torch's kernels (Python, the autograd engine).
+"""
+import os
+import random
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import data  # noqa: E402
+import unigrpo  # noqa: E402
+from bench import tiny_model  # noqa: E402
+
+
+def main(threads=2, timed=20, profiled=10):
+    torch.set_num_threads(threads)
+    cfg = unigrpo.get_config([])
+    m = tiny_model(cfg, "cpu").train()
+    mix = data.warmup_mix(cfg.n_understanding, seed=0, ratio=(cfg.interleaved_ratio, 1.0, 1.0),
+                          image_size=cfg.image_size)
+    answers = m.encode_answers([e.answer for e in mix])
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+    rng = random.Random(0)
+
+    def step():
+        pick = rng.sample(range(len(mix)), cfg.warmup_batch_size)
+        unigrpo.warmup_step(m, opt, [mix[i] for i in pick], [answers[i] for i in pick], cfg)
+
+    for _ in range(5):  # allocator growth and kernel selection
+        step()
+    ts = []
+    for _ in range(timed):
+        t = time.perf_counter()
+        step()
+        ts.append(time.perf_counter() - t)
+    ts.sort()
+    print(f"warm-up step, {threads} threads: median {ts[len(ts) // 2]:.3f} s, "
+          f"p10-p90 {ts[len(ts) // 10]:.3f}-{ts[len(ts) * 9 // 10 - 1]:.3f} s ({timed} steps)")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(profiled):
+            step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    print(f"operators' own time per step: {sum(e.self_cpu_time_total for e in prof.key_averages()) / profiled / 1e3:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()
