@@ -1,11 +1,13 @@
 """Where a default warm-up step's time goes on this machine (a probe script, not collected by pytest).
 
-    python tests/profile_warmup.py            # 2 threads: 20 timed steps, then torch.profiler over 10
+    python tests/profile_warmup.py               # 2 threads: 20 timed steps, then torch.profiler over 10
+    python tests/profile_warmup.py --threads 1   # the same at 1 thread
 
 Random weights (speed does not depend on training), the default batch and warm-up mix. Prints the step's
 median wall time and the operators sorted by their own time: compare the operators' total with the wall
 time to see how much of a step is spent outside torch's kernels (Python, the autograd engine).
 """
+import argparse
 import os
 import random
 import sys
@@ -53,4 +55,6 @@ def main(threads=2, timed=20, profiled=10):
 
 
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2, the pipeline's on 2 cores)")
+    main(threads=ap.parse_args().threads)
