@@ -73,8 +73,7 @@ warmup_batch_size = 24    # as good as 32 at 3/4 of the time (README)
 warmup_lr = 5e-4          # much higher and it learns which objects a sentence names, never where they go
 warmup_rise = 50          # warm-up schedule: linear rise over this many iterations, then cosine decay to 0
 n_understanding = 2000    # mix size; interleaved : understanding : t2i = interleaved_ratio : 1 : 1
-interleaved_ratio = 0.6   # the paper has 0.3M : 1M : 1M; at 0.3 the toy mix holds 200 stories, and GRPO gains more
-                          # when more groups hold a right step (README, "The interleaved share")
+interleaved_ratio = 0.6   # twice the paper's 0.3M : 1M : 1M: more GRPO groups hold a right step (README)
 warmup_stall = 0.3        # toy world: share of interleaved warm-up steps that repeat the state before (README)
 cfg_dropout = 0.0         # warm-up: prob. of training an example as CFG's unconditional branch (Janus: 0.1)
 warmup_data = ""          # a JSONL file of real warm-up data (see data.py); "" = toy world mix

@@ -374,18 +374,25 @@ def trained_row(cfg, dev, out_dir, repeats, label):
         calls_row(n, c, ref is not None) + ("trained checkpoint",)
 
 
-def warmup_row(cfg, dev, batch, repeats):
-    """One stage-1 step (the body of unigrpo.warmup's loop) on a small hybrid mix."""
-    start = reset_peak(dev)
+def warmup_stepper(cfg, dev, batch, n_mix, lr=0.0):
+    """(model, step): one stage-1 step (the body of unigrpo.warmup's loop) on a batch drawn from a hybrid mix
+    of n_mix examples at cfg's ratio, random weights."""
     m = tiny_model(cfg, dev).train()
-    mix = data.warmup_mix(batch, seed=0, ratio=(cfg.interleaved_ratio, 1.0, 1.0), image_size=cfg.image_size)
+    mix = data.warmup_mix(n_mix, seed=0, ratio=(cfg.interleaved_ratio, 1.0, 1.0), image_size=cfg.image_size)
     answers = m.encode_answers([e.answer for e in mix])
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.0)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr)
     rng = random.Random(0)
 
     def step():  # unigrpo's own step: length-sorted chunks of 8, so little padding
         pick = rng.sample(range(len(mix)), batch)
         unigrpo.warmup_step(m, opt, [mix[i] for i in pick], [answers[i] for i in pick], cfg)
+    return m, step
+
+
+def warmup_row(cfg, dev, batch, repeats):
+    """One stage-1 step on a small hybrid mix."""
+    start = reset_peak(dev)
+    m, step = warmup_stepper(cfg, dev, batch, n_mix=batch)
     t, _ = median_run(step, repeats, dev)
     return ("warm-up step", f"batch {batch}, {grid_note(m, cfg)}", f"{t:.3f} s",
             f"x warmup_iters {cfg.warmup_iters} = {t * cfg.warmup_iters / 60:.1f} min of the pipeline", peak_memory(dev, start))
