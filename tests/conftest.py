@@ -6,8 +6,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-# Tiny models run fastest on one thread; more threads only contend on a 2-core machine.
+# One torch thread per test process, and (through the environment) per unigrpo.py / torchrun / notebook kernel a
+# test starts: pytest.ini runs one worker per core, so a second thread would only contend with the other worker.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def bias_text_logits(model, **bias):
