@@ -647,7 +647,7 @@ def train_vq(config, images: list, steps: int = 200, batch_size: int = 8, lr: fl
     feats = []
     hooks = [b.register_forward_hook(lambda mod, inp, out: feats.append(out)) for b in levels]
 
-    opt = torch.optim.Adam([*vq.parameters(), *heads.parameters()], lr=lr)
+    opt = torch.optim.Adam([*vq.parameters(), *heads.parameters()], lr=lr, foreach=True)  # one kernel for all tensors
     # warm up, hold, then decay over the last 30% to let the codes settle
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20, 0.1 + 0.9 * (steps - s) / (0.3 * steps)))

@@ -310,7 +310,7 @@ def train_tiny_clip(images, texts, tokenizer, image_size=24, steps=400, batch_si
         d = (T[c:c + 512, None, :] != T[None, :, :]).sum(-1, dtype=torch.int16)  # int16 counts: int64 cost ~0.5 GB here
         neighbours += [row.nonzero().squeeze(1) for row in (d >= 1) & (d <= 2)]
     n_hard = int(hard_negatives * batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, foreach=True)  # one kernel for all tensors
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))

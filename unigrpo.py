@@ -1418,7 +1418,9 @@ def warmup(cfg, log, mix=None):
         model = shard(model)
     mix = mix or warmup_examples(cfg)
     answers = model.encode_answers([e.answer for e in mix])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.warmup_lr, weight_decay=0.0)
+    # foreach: one kernel per update op for all tensors, where CPU's default runs one per tensor (the same numbers)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.warmup_lr, weight_decay=0.0,
+                            foreach=True)
     # the batch sampler and CFG's prompt dropout (its own stream: p = 0 draws none); a resume restores both
     rng, drop_rng = random.Random(cfg.seed), random.Random(cfg.seed + 2000)
     start = resume(opt, state, (rng, drop_rng), model)
@@ -1517,7 +1519,8 @@ def grpo(cfg, log):
     if cfg.fsdp and ref is not None:
         ref = shard(ref, reshard_root=True)
     critic, scorer = build_scorers(cfg, policy.tokenizer, dev)
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0,
+                            foreach=True)
     prompts_pool, rng = rl_prompts(cfg), random.Random(cfg.seed + 1000)  # the prompt sampler, saved in checkpoints
     start = resume(opt, state, (rng,), policy)
     for g in opt.param_groups:  # --lr wins over the lr saved with AdamW's state (check_resume said so if it changed)
