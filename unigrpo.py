@@ -1418,7 +1418,6 @@ def warmup(cfg, log, mix=None):
         model = shard(model)
     mix = mix or warmup_examples(cfg)
     answers = model.encode_answers([e.answer for e in mix])
-    # foreach: one kernel per update op for all tensors, where CPU's default runs one per tensor (the same numbers)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.warmup_lr, weight_decay=0.0,
                             foreach=True)
     # the batch sampler and CFG's prompt dropout (its own stream: p = 0 draws none); a resume restores both
